@@ -1,0 +1,99 @@
+"""Checkpoint files: the reference format (`it`, `opt`, `model_state_dict`) plus what a run needs to
+continue exactly and to stand alone (SPEC section 7)."""
+import argparse
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, reported to the user as one line."""
+
+
+def save_atomic(state, path):
+    """Write to a temporary file in the same folder, then rename: a crash or kill during the save
+    never leaves a truncated checkpoint behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path):
+    """Tensors, containers and the argparse Namespace only: never an unrestricted pickle."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: no such file') from None
+    except Exception as e:  # unpickling errors come in many types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{path}: not a readable checkpoint ({first_line})') from None
+    if not isinstance(ckpt, dict) or 'model_state_dict' not in ckpt:
+        raise CheckpointError(f'{path}: not a TIRG checkpoint (no model_state_dict)')
+    return ckpt
+
+
+def rng_states():
+    states = {
+        'python': random.getstate(),
+        'numpy': _numpy_state_to_safe(np.random.get_state()),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(_as_python_state(states['python']))
+    np.random.set_state(_numpy_state_from_safe(states['numpy']))
+    torch.set_rng_state(states['torch'])
+    if 'cuda' in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def _numpy_state_to_safe(state):
+    name, keys, pos, has_gauss, cached = state
+    return {'name': name, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+            'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)}
+
+
+def _numpy_state_from_safe(state):
+    return (state['name'], state['keys'].numpy().astype(np.uint32), state['pos'],
+            state['has_gauss'], state['cached_gaussian'])
+
+
+def _as_python_state(state):
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def describe_state_dict_mismatch(model, state_dict):
+    """What differs between a model and a state dict, in one line, or None when they match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)} here'
+              for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} keys missing (e.g. {missing[0]})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
+    if shapes:
+        parts.append(f'{len(shapes)} shapes differ (e.g. {shapes[0]})')
+    return '; '.join(parts) or None

@@ -1,0 +1,166 @@
+"""Retrieval test and recall@k (SPEC section 6).
+
+The reference looped over queries in numpy with a full argsort of the gallery per query.  Here
+features are computed once under inference mode, and scores and top-k run in torch on the model's
+device, a chunk of queries at a time so memory stays bounded.  Results equal the per-query
+implementation (tests/test_test_retrieval.py checks it).
+"""
+import random
+
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10, 50, 100)
+NUM_SAMPLED_TRAIN_EXAMPLES = 10000
+# Score given to a query's own source image, as in the reference (it stays in the ranking, last).
+SOURCE_IMAGE_SCORE = -10e10
+# Upper bound on the number of query x gallery scores held at once (float32: 4 bytes each).
+MAX_SCORES_PER_CHUNK = 2 ** 25
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+class _ImageList(torch.utils.data.Dataset):
+
+    def __init__(self, dataset, ids):
+        self.dataset, self.ids = dataset, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return torch.as_tensor(self.dataset.get_img(self.ids[i])).float()
+
+
+def _image_batches(dataset, ids, batch_size, num_workers):
+    loader = torch.utils.data.DataLoader(
+        _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers)
+    return iter(loader)
+
+
+@torch.inference_mode()
+def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
+    device = model_device(model)
+    source_ids = [q['source_img_id'] for q in queries]
+    texts = [q['mod']['str'] for q in queries]
+    features = []
+    for start, imgs in zip(range(0, len(queries), batch_size),
+                           _image_batches(dataset, source_ids, batch_size, num_workers)):
+        imgs = imgs.to(device, non_blocking=True)
+        features.append(model.compose_img_text(imgs, texts[start:start + batch_size]).float())
+    return torch.cat(features)
+
+
+@torch.inference_mode()
+def compute_gallery_features(model, dataset, batch_size, num_workers=0, ids=None):
+    device = model_device(model)
+    ids = range(len(dataset.imgs)) if ids is None else ids
+    features = [model.extract_img_feature(imgs.to(device, non_blocking=True)).float()
+                for imgs in _image_batches(dataset, list(ids), batch_size, num_workers)]
+    return torch.cat(features)
+
+
+@torch.inference_mode()
+def compute_example_features(model, examples, batch_size):
+    """Query and target features of training examples (splits without test queries)."""
+    device = model_device(model)
+    queries, targets = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        sources = torch.stack([torch.as_tensor(e['source_img_data']) for e in batch]).float()
+        target_imgs = torch.stack([torch.as_tensor(e['target_img_data']) for e in batch]).float()
+        texts = [e['mod']['str'] for e in batch]
+        queries.append(model.compose_img_text(sources.to(device), texts).float())
+        targets.append(model.extract_img_feature(target_imgs.to(device)).float())
+    return torch.cat(queries), torch.cat(targets)
+
+
+def sample_training_examples(dataset, count=NUM_SAMPLED_TRAIN_EXAMPLES, seed=0):
+    """The same `count` examples at every evaluation; the global generators that training draws
+    from are left exactly as they were."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        return [dataset[i] for i in range(count)]
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def nearest_neighbours(queries, gallery, exclude=None, k=110):
+    """Indices of the k highest dot-product scores per query (features already L2-normalised),
+    with `exclude[i]` (the query's source image) scored SOURCE_IMAGE_SCORE."""
+    k = min(k, gallery.shape[0])
+    rows_per_chunk = max(1, MAX_SCORES_PER_CHUNK // max(1, gallery.shape[0]))
+    results = []
+    for start in range(0, queries.shape[0], rows_per_chunk):
+        scores = queries[start:start + rows_per_chunk] @ gallery.t()
+        if exclude is not None:
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            scores[rows, exclude[start:start + rows_per_chunk]] = SOURCE_IMAGE_SCORE
+        results.append(scores.topk(k, dim=1).indices)
+    return torch.cat(results)
+
+
+def _label_ids(gallery_labels, target_labels, device):
+    """Map strings to ints; a target label absent from the gallery can never be matched."""
+    index = {label: i for i, label in enumerate(dict.fromkeys(gallery_labels))}
+    gallery_ids = torch.tensor([index[label] for label in gallery_labels], device=device)
+    target_ids = torch.tensor([index.get(label, -1) for label in target_labels], device=device)
+    return gallery_ids, target_ids
+
+
+def recalls_at_k(neighbours, gallery_labels, target_labels, ks=RECALL_KS):
+    """Fraction of queries whose target label is among their top-k neighbours' labels."""
+    gallery_ids, target_ids = _label_ids(gallery_labels, target_labels, neighbours.device)
+    hits = (gallery_ids[neighbours] == target_ids.unsqueeze(1)).cumsum(1) > 0
+    return [float(hits[:, min(k, hits.shape[1]) - 1].float().mean()) for k in ks]
+
+
+def recall_metrics(neighbours, gallery_captions, target_captions, dataset_name):
+    metrics = {}
+    families = [('composition', gallery_captions, target_captions)]
+    if dataset_name == 'mitstates':
+        families.append(('adj', [c.split()[0] for c in gallery_captions],
+                         [c.split()[0] for c in target_captions]))
+        families.append(('noun', [c.split()[1] for c in gallery_captions],
+                         [c.split()[1] for c in target_captions]))
+    for family, gallery_labels, labels in families:
+        for k, value in zip(RECALL_KS, recalls_at_k(neighbours, gallery_labels, labels)):
+            metrics[f'recall_top{k}_correct_{family}'] = value
+    # The reference's order: for each k, composition then adj then noun.
+    return [(f'recall_top{k}_correct_{family}', metrics[f'recall_top{k}_correct_{family}'])
+            for k in RECALL_KS for family, _, _ in families]
+
+
+def test(opt, model, testset):
+    """Retrieval test of `model` on `testset`: a list of (metric name, recall)."""
+    was_training = model.training
+    model.eval()
+    batch_size = opt.batch_size
+    num_workers = getattr(opt, 'loader_num_workers', 0)
+    try:
+        queries = testset.get_test_queries()
+        if queries:
+            query_features = compute_query_features(model, testset, queries, batch_size, num_workers)
+            gallery_features = compute_gallery_features(model, testset, batch_size, num_workers)
+            gallery_captions = [img['captions'][0] for img in testset.imgs]
+            target_captions = [q['target_caption'] for q in queries]
+            exclude = torch.tensor([q['source_img_id'] for q in queries],
+                                   device=query_features.device)
+        else:
+            examples = sample_training_examples(testset)
+            query_features, gallery_features = compute_example_features(model, examples, batch_size)
+            gallery_captions = target_captions = [e['target_caption'] for e in examples]
+            exclude = None
+        query_features = torch.nn.functional.normalize(query_features, dim=1)
+        gallery_features = torch.nn.functional.normalize(gallery_features, dim=1)
+        neighbours = nearest_neighbours(query_features, gallery_features, exclude)
+        return recall_metrics(neighbours, gallery_captions, target_captions, opt.dataset)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,63 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CELLS = {'top': 1 / 6, 'middle': 3 / 6, 'bottom': 5 / 6, 'left': 1 / 6, 'center': 3 / 6, 'right': 5 / 6}
+
+
+def obj(shape, color, size, row, col):
+    return {'shape': shape, 'color': color, 'size': size, 'pos': (CELLS[row], CELLS[col])}
+
+
+def css_split(num_scenes, seed, with_labels=True):
+    """Scenes of one or two objects; each scene gets two colour changes of its first object."""
+    rng = np.random.RandomState(seed)
+    colors = ['gray', 'red', 'blue', 'green', 'brown', 'purple', 'cyan', 'yellow']
+    shapes = ['rectangle', 'circle', 'triangle']
+    rows, cols = ['top', 'middle', 'bottom'], ['left', 'center', 'right']
+    scenes = []
+    for _ in range(num_scenes):
+        r, c = rows[rng.randint(3)], cols[rng.randint(3)]
+        scene = [obj(shapes[rng.randint(3)], colors[rng.randint(8)], ['small', 'large'][rng.randint(2)], r, c)]
+        scenes.append((scene, r, c))
+    objects_img = [s for s, _, _ in scenes]
+    mods = []
+    for i, (scene, r, c) in enumerate(scenes):
+        old = scene[0]['color']
+        for new in [x for x in colors if x != old][:2]:
+            target = [dict(scene[0], color=new)]
+            objects_img.append(target)
+            mods.append({'from': [i], 'to': [len(objects_img) - 1],
+                         'to_str': f'make {r}-{c} {old} object {new}'})
+    split = {'objects_img': objects_img, 'mods': mods}
+    if with_labels:
+        keys = {}
+        split['labels'] = [keys.setdefault(repr(sorted(map(repr, o))), len(keys)) for o in objects_img]
+    return split
+
+
+def write_css_fixture(root, num_scenes=12, pngs=False, with_labels=True):
+    import datasets
+    os.makedirs(root, exist_ok=True)
+    data = {'train': css_split(num_scenes, 0, with_labels), 'test': css_split(num_scenes, 1, with_labels)}
+    np.save(os.path.join(root, datasets.CSS_DATA_FILE), np.array(data, dtype=object), allow_pickle=True)
+    if pngs:
+        from PIL import Image
+        os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+        for split, content in data.items():
+            for i, objects in enumerate(content['objects_img']):
+                img = (datasets.draw_css_2d_image(objects) * 255).round().astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(root, 'images', 'css_%s_%06d.png' % (split, i)))
+    return data
+
+
+@pytest.fixture
+def css_root(tmp_path):
+    root = str(tmp_path / 'css')
+    write_css_fixture(root)
+    return root

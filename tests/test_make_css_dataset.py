@@ -1,0 +1,278 @@
+"""Tests of make_css_dataset.py (synthetic CSS3D-format data), at a small scale."""
+import collections
+import os
+import re
+import string
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import make_css_dataset as mcd  # noqa: E402
+
+DATA_FILE = 'css_toy_dataset_novel2_small.dup.npy'
+SHAPES = {'rectangle', 'circle', 'triangle'}
+COLORS = {'gray', 'red', 'blue', 'green', 'brown', 'purple', 'cyan', 'yellow'}
+SIZES = {'small', 'large'}
+ROW = {'top': 1 / 6, 'middle': 3 / 6, 'bottom': 5 / 6}
+COL = {'left': 1 / 6, 'center': 3 / 6, 'right': 5 / 6}
+BASE = 30
+
+# The reference 2D rendering, kept here so that the test does not depend on the module's copy.
+CSS_COLORS = {'gray': [87, 87, 87], 'red': [244, 35, 35], 'blue': [42, 75, 215],
+              'green': [29, 205, 20], 'brown': [129, 74, 25], 'purple': [129, 38, 192],
+              'cyan': [41, 208, 208], 'yellow': [255, 238, 51]}
+
+
+def reference_draw(objects, size=64):
+    img = np.ones((size, size, 3))
+    for obj in objects:
+        s = 8.0 if obj['size'] == 'large' else 4.0
+        c = [v / 255.0 for v in CSS_COLORS[obj['color']]]
+        y = obj['pos'][0] * size
+        x = obj['pos'][1] * size
+        if obj['shape'] == 'rectangle':
+            img[int(y - s):int(y + s), int(x - s):int(x + s), :] = c
+        elif obj['shape'] == 'circle':
+            for y0 in range(int(y - s), int(y + s) + 1):
+                x0 = x + (abs(y0 - y) - s); x1 = 2 * x - x0
+                img[y0, int(x0):int(x1), :] = c
+        elif obj['shape'] == 'triangle':
+            for y0 in range(int(y - s), int(y + s)):
+                x0 = x + (y0 - y - s) / 2; x1 = 2 * x - x0
+                img[y0, int(x0):int(x1), :] = c
+    return img
+
+
+def load(out_dir):
+    arr = np.load(os.path.join(out_dir, DATA_FILE), allow_pickle=True, encoding='latin1')
+    assert arr.shape == () and arr.dtype == object
+    return arr.item()
+
+
+def key(obj):
+    return (obj['shape'], obj['color'], obj['size'], tuple(obj['pos']))
+
+
+def scene_key(objects):
+    return tuple(sorted(key(o) for o in objects))
+
+
+def words(text):
+    return text.lower().translate(str.maketrans('', '', string.punctuation)).split()
+
+
+def split_words(split):
+    return {w for m in split['mods'] for w in words(m['to_str'])}
+
+
+def pos_of(cell):
+    row, col = cell.split('-')
+    return (ROW[row], COL[col])
+
+
+def at(objects, pos):
+    found = [o for o in objects if tuple(o['pos']) == pos]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def apply_text(objects, text):
+    """Apply a modification text to a list of objects, checking that it applies."""
+    objects = [dict(o) for o in objects]
+    m = re.fullmatch(r'add (\w+) (\w+) (\w+) to (\w+-\w+)', text)
+    if m:
+        size, color, shape, cell = m.groups()
+        assert at(objects, pos_of(cell)) is None, text
+        return objects + [{'shape': shape, 'color': color, 'size': size, 'pos': pos_of(cell)}]
+    m = re.fullmatch(r'remove (\w+-\w+) (\w+) object', text)
+    if m:
+        cell, color = m.groups()
+        obj = at(objects, pos_of(cell))
+        assert obj is not None and obj['color'] == color, text
+        return [o for o in objects if o is not obj]
+    m = re.fullmatch(r'make (\w+-\w+) (\w+) object (\w+)', text)
+    if m:
+        cell, color, new_color = m.groups()
+        obj = at(objects, pos_of(cell))
+        assert obj is not None and obj['color'] == color and new_color != color, text
+        obj['color'] = new_color
+        return objects
+    m = re.fullmatch(r'make (\w+-\w+) (\w+) (\w+) (\w+) (\w+)', text)
+    assert m, f'unparsable text: {text!r}'
+    cell, size, color, shape, new_size = m.groups()
+    obj = at(objects, pos_of(cell))
+    assert obj is not None and key(obj)[:3] == (shape, color, size) and new_size != size, text
+    obj['size'] = new_size
+    return objects
+
+
+@pytest.fixture(scope='module')
+def out(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('css'))
+    path = mcd.generate_css_dataset(out_dir, base_scenes=BASE, seed=0, verbose=False)
+    assert path == os.path.join(out_dir, DATA_FILE)
+    return out_dir
+
+
+@pytest.fixture(scope='module')
+def data(out):
+    return load(out)
+
+
+def test_format(data):
+    assert set(data) >= {'train', 'test'}
+    for split in ('train', 'test'):
+        d = data[split]
+        assert {'objects_img', 'mods', 'labels'} <= set(d)
+        assert len(d['labels']) == len(d['objects_img']) == BASE + 3 * len(d['mods'])
+        assert len(d['mods']) >= 6 * BASE
+        for objects in d['objects_img']:
+            assert isinstance(objects, list) and objects
+            cells = [tuple(o['pos']) for o in objects]
+            assert len(set(cells)) == len(cells)
+            for o in objects:
+                assert set(o) == {'shape', 'color', 'size', 'pos'}
+                assert o['shape'] in SHAPES and o['color'] in COLORS and o['size'] in SIZES
+                assert o['pos'][0] in ROW.values() and o['pos'][1] in COL.values()
+        for objects in d['objects_img'][:BASE]:
+            assert 1 <= len(objects) <= 5
+
+
+def test_mods_are_applied_as_their_text_says(data):
+    for split in ('train', 'test'):
+        d = data[split]
+        imgs = d['objects_img']
+        n_images = len(imgs)
+        for mod in d['mods']:
+            assert set(mod) == {'from', 'to', 'to_str'}
+            assert len(mod['from']) == len(mod['to']) == 3
+            assert len(set(mod['from'])) == 3
+            for source, target in zip(mod['from'], mod['to']):
+                assert 0 <= source < BASE <= target < n_images  # sources are base scenes
+                expected = apply_text(imgs[source], mod['to_str'])
+                assert collections.Counter(map(key, expected)) == \
+                    collections.Counter(map(key, imgs[target]))
+
+
+def test_every_target_is_a_distinct_new_image(data):
+    for split in ('train', 'test'):
+        targets = [t for m in data[split]['mods'] for t in m['to']]
+        assert sorted(targets) == list(range(BASE, len(data[split]['objects_img'])))
+
+
+def test_labels_follow_scene_identity(data):
+    for split in ('train', 'test'):
+        d = data[split]
+        label_of = {}
+        for objects, label in zip(d['objects_img'], d['labels']):
+            assert isinstance(label, int)
+            label_of.setdefault(scene_key(objects), set()).add(label)
+        assert all(len(v) == 1 for v in label_of.values())  # same scene, same label
+        labels = [next(iter(v)) for v in label_of.values()]
+        assert len(set(labels)) == len(labels)               # different scenes, different labels
+        assert sorted(labels) == list(range(len(labels)))
+
+
+def test_every_base_scene_is_a_source_of_two_mods(data):
+    for split in ('train', 'test'):
+        uses = collections.Counter(s for m in data[split]['mods'] for s in m['from'])
+        assert all(uses[i] >= 2 for i in range(BASE)), split
+        # the same text is never applied twice to one source
+        pairs = [(s, m['to_str']) for m in data[split]['mods'] for s in m['from']]
+        assert len(pairs) == len(set(pairs))
+
+
+def test_novel_combinations_only_in_test(data):
+    novel = set(mcd.NOVEL_COMBOS)
+    assert len(novel) == 4
+    train = {(o['shape'], o['color']) for objs in data['train']['objects_img'] for o in objs}
+    test = {(o['shape'], o['color']) for objs in data['test']['objects_img'] for o in objs}
+    assert not train & novel
+    assert novel <= test
+
+
+def test_test_words_are_train_words(data):
+    train = split_words(data['train'])
+    assert split_words(data['test']) <= train
+    vocabulary = {'add', 'to', 'remove', 'object', 'make'} | SHAPES | COLORS | SIZES | {
+        r + c for r in ROW for c in COL}
+    assert train == vocabulary
+
+
+def test_deterministic_by_seed(tmp_path, data):
+    a, b, c = (str(tmp_path / n) for n in 'abc')
+    mcd.generate_css_dataset(a, base_scenes=BASE, seed=0, verbose=False)
+    mcd.generate_css_dataset(b, base_scenes=BASE, seed=1, verbose=False)
+    assert load(a) == data
+    assert load(b) != data
+    assert data['train']['mods'] != data['test']['mods']
+    assert data['train']['objects_img'][:BASE] != data['test']['objects_img'][:BASE]
+    mcd.generate_css_dataset(c, base_scenes=BASE, seed=0, mods_per_split=5, verbose=False)
+    small = load(c)
+    for split in ('train', 'test'):  # raised so that every base scene has 2 mods
+        assert 2 * BASE / 3 <= len(small[split]['mods']) < 6 * BASE
+
+
+def test_pngs(tmp_path):
+    out_dir = str(tmp_path)
+    mcd.generate_css_dataset(out_dir, base_scenes=6, seed=2, pngs=True, mods_per_split=6,
+                             verbose=False)
+    d = load(out_dir)
+    for split in ('train', 'test'):
+        objs = d[split]['objects_img']
+        for idx in range(len(objs)):
+            with PIL.Image.open(os.path.join(out_dir, 'images', 'css_%s_%06d.png' % (split, idx))) as f:
+                assert f.size == (64, 64) and f.mode == 'RGB'
+                png = np.asarray(f)
+            expected = (reference_draw(objs[idx]) * 255).round().astype(np.uint8)
+            assert np.array_equal(png, expected)
+        assert not os.path.exists(
+            os.path.join(out_dir, 'images', 'css_%s_%06d.png' % (split, len(objs))))
+    # Regenerating without PNGs removes the now stale ones.
+    mcd.generate_css_dataset(out_dir, base_scenes=6, seed=3, mods_per_split=6, verbose=False)
+    assert not [n for n in os.listdir(os.path.join(out_dir, 'images')) if n.endswith('.png')]
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        mcd.generate_css_dataset(str(tmp_path / 'x'), base_scenes=0, verbose=False)
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    with pytest.raises(NotADirectoryError):
+        mcd.generate_css_dataset(str(a_file), base_scenes=BASE, verbose=False)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'make_css_dataset.py'), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli(tmp_path):
+    out_dir = tmp_path / 'out'
+    r = run_cli(str(out_dir), '--base_scenes', '20')
+    assert r.returncode == 0, r.stderr
+    assert DATA_FILE in r.stdout and 'train:' in r.stdout and 'test:' in r.stdout
+    d = load(str(out_dir))
+    assert len(d['train']['objects_img']) >= 20 + 3 * 120
+    r = run_cli(str(out_dir), '--base_scenes', '20')  # overwriting is fine
+    assert r.returncode == 0 and 'replaced' in r.stdout
+    assert load(str(out_dir)) == d
+
+
+def test_cli_errors(tmp_path):
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    r = run_cli(str(a_file), '--base_scenes', '20')
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+    assert a_file.read_text() == 'x'
+    r = run_cli(str(tmp_path / 'o'), '--base_scenes', '0')
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    r = run_cli('--help')
+    assert r.returncode == 0 and 'default: 1000' in r.stdout
