@@ -7,6 +7,8 @@ seeds them from `--seed`, and `worker_init_fn` gives every DataLoader worker its
 """
 import os
 import random
+import re
+import sys
 
 import numpy as np
 import PIL.Image
@@ -18,7 +20,32 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 class DatasetError(Exception):
-    """A problem with the data on disk, reported to the user as one line."""
+    """A problem with the data on disk, reported to the user as one line.
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process as
+    `DatasetError('Caught DatasetError in DataLoader worker process N.\\nOriginal Traceback ...')`;
+    the constructor keeps only the original one-line message, so the user never sees a traceback.
+    """
+
+    def __init__(self, message='', *args):
+        super().__init__(_unwrap_worker_message(message), *args)
+
+
+def _unwrap_worker_message(message):
+    if not isinstance(message, str) or not message.startswith('Caught ') or \
+            '\nOriginal Traceback' not in message:
+        return message
+    lines = [line for line in message.splitlines() if line.strip()]
+    match = re.match(r'^[\w.]+: (.*)$', lines[-1])
+    return match.group(1) if match else message
+
+
+class ImageReadError(DatasetError):
+    """An image file that is missing, unreadable or corrupt; `path` names it."""
+
+    def __init__(self, message='', path=None):
+        super().__init__(message)
+        self.path = path
 
 
 def css_transform():
@@ -108,6 +135,11 @@ class BaseDataset(torch.utils.data.Dataset):
         for name, value in (state or {}).items():
             setattr(self, name, value)
 
+    def reset_sampler_state(self):
+        """A fresh sampler: every state attribute None (no pending pair)."""
+        for name in self._sampler_state_attrs:
+            setattr(self, name, None)
+
     def summary(self):
         """One line describing what was loaded."""
         captions = {img['captions'][0] for img in self.imgs}
@@ -143,11 +175,10 @@ def draw_css_2d_image(objects, size=64):
                 x0 = x + (abs(y0 - y) - s)
                 x1 = 2 * x - x0
                 img[y0, int(x0):int(x1), :] = c
-        elif obj['shape'] == 'triangle':
+        elif obj['shape'] == 'triangle':  # apex at the top, base 2s wide at the bottom
             for y0 in range(int(y - s), int(y + s)):
-                x0 = x + (y0 - y - s) / 2
-                x1 = 2 * x - x0
-                img[y0, int(x0):int(x1), :] = c
+                half_width = (y0 - y + s) / 2
+                img[y0, int(x - half_width):int(x + half_width), :] = c
     return img
 
 
@@ -262,3 +293,417 @@ class CSSDataset(BaseDataset):
         if self.transform:
             img = self.transform(img)
         return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Real photographs: Fashion200k and MIT-States (SPEC 2.2, 2.3).
+
+FAST_DECODE_SIZE = 224
+# Training examples drawn again in a row, because of unreadable images, before giving up.
+MAX_REDRAWS = 100
+
+
+def open_photo(file_path, fast_decode=False):
+    """The RGB image in `file_path`, or ImageReadError naming it.  With `fast_decode`, libjpeg
+    decodes at the largest reduced scale (1/2, 1/4, 1/8) that keeps both sides at least
+    FAST_DECODE_SIZE, which Resize(224) + CenterCrop(224) then bring to the same size."""
+    try:
+        with PIL.Image.open(file_path) as f:
+            if fast_decode:
+                f.draft('RGB', (FAST_DECODE_SIZE, FAST_DECODE_SIZE))
+            return f.convert('RGB')
+    except FileNotFoundError:
+        raise ImageReadError(f'{file_path}: image not found', file_path) from None
+    except Exception as e:  # corrupt files raise OSError, SyntaxError, ValueError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, PIL.UnidentifiedImageError):  # its message repeats the path
+            reason = 'unknown image format or corrupt file'
+        raise ImageReadError(f'{file_path}: cannot read image ({reason})', file_path) from None
+
+
+class PhotoDataset(BaseDataset):
+    """What Fashion200k and MIT-States share: image files, their loading, and redrawing a training
+    example when one of its images cannot be read."""
+
+    def __init__(self, path, split, transform, fast_decode):
+        super().__init__()
+        self.path = path
+        self.split = split
+        self.transform = transform
+        self.fast_decode = fast_decode
+        self._reported_images = set()
+        if not os.path.isdir(path):
+            raise DatasetError(f'{path}: no such dataset folder')
+
+    def image_file(self, idx):
+        raise NotImplementedError
+
+    def get_img(self, idx, raw_img=False):
+        """At test time an unreadable image is an ImageReadError (a DatasetError) naming it.
+        `raw_img` returns the full-size PIL image (fast_decode applies to transformed images)."""
+        img = open_photo(self.image_file(idx), self.fast_decode and not raw_img)
+        if raw_img:
+            return img
+        if self.transform:
+            img = self.transform(img)
+        return img
+
+    def get_all_texts(self):
+        return [c for img in self.imgs for c in img['captions']]
+
+    def _wrap_index(self, idx):
+        """The samplers replace the index anyway; indices past the end (the retrieval test asks for
+        10,000 examples of any split) wrap around instead of failing on small datasets."""
+        return int(idx) % len(self.imgs)
+
+    def _report_unreadable(self, error):
+        """One warning line per file (per process), then the caller draws another example."""
+        if error.path not in self._reported_images:
+            self._reported_images.add(error.path)
+            print(f'warning: {error}; skipping it and drawing another training example',
+                  file=sys.stderr, flush=True)
+
+    def _redraw_index(self):
+        return np.random.randint(0, len(self.imgs))
+
+
+def fashion200k_caption(s):
+    """The reference's caption clean-up."""
+    return s.strip().replace('.', 'dotmark').replace('?', 'questionmark').replace(
+        '&', 'andmark').replace('*', 'starmark')
+
+
+def get_different_word(source_caption, target_caption):
+    """First word of each caption that the other lacks.  Quirk kept from the reference: when every
+    word is shared, the loop ends on (and returns) the last word."""
+    source_words = source_caption.split()
+    target_words = target_caption.split()
+    source_word = target_word = ''
+    for source_word in source_words:
+        if source_word not in target_words:
+            break
+    for target_word in target_words:
+        if target_word not in source_words:
+            break
+    return source_word, target_word, 'replace ' + source_word + ' with ' + target_word
+
+
+def caption_parent(caption, word):
+    """Quirk kept from the reference: the word is removed by plain substring replacement, so the
+    same letters inside other words go too; then double spaces collapse (one pass) and the ends
+    are stripped."""
+    return caption.replace(word, '').replace('  ', ' ').strip()
+
+
+def _read_text_lines(file_path):
+    try:
+        with open(file_path, encoding='utf-8', errors='surrogateescape') as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise DatasetError(f'{file_path}: cannot read ({e.strerror or e})') from None
+
+
+class Fashion200k(PhotoDataset):
+    """Fashion200k (SPEC 2.2).
+
+    Images are `<root>/<file_path>` with file paths from the split's label files.  Deliberate fix:
+    the reference read the label files in directory-listing order, so image indices depended on
+    the file system; here they are read in sorted name order.  Every image of the split is checked
+    to exist when the dataset is built.
+    """
+
+    def __init__(self, path, split='train', transform=None, fast_decode=False):
+        super().__init__(path, split, transform, fast_decode)
+        self.img_path = path
+        label_path = os.path.join(path, 'labels')
+        if not os.path.isdir(label_path):
+            raise DatasetError(f'{label_path}: Fashion200k labels folder not found (is '
+                               f'--dataset_path={path} a Fashion200k dataset?)')
+        label_files = sorted(f for f in os.listdir(label_path)
+                             if split in f and f.endswith('.txt')
+                             and os.path.isfile(os.path.join(label_path, f)))
+        if not label_files:
+            raise DatasetError(f'{label_path}: no label file for the {split} split (*{split}*.txt)')
+        sources = []
+        for filename in label_files:
+            label_file = os.path.join(label_path, filename)
+            for line_no, line in enumerate(_read_text_lines(label_file), 1):
+                if not line.strip():
+                    continue
+                fields = line.split('\t')
+                if len(fields) < 3:
+                    raise DatasetError(f'{label_file} line {line_no}: expected "image path<TAB>'
+                                       f'detection score<TAB>caption", got {line.strip()[:80]!r}')
+                self.imgs.append({'file_path': fields[0], 'detection_score': fields[1],
+                                  'captions': [fashion200k_caption(fields[2])],
+                                  'split': split, 'modifiable': False})
+                sources.append((label_file, line_no))
+        self._check_images_exist(sources)
+        self.caption_indexed = False
+        if split == 'train':
+            self.caption_index_init_()
+            if not any(img['modifiable'] for img in self.imgs):
+                raise DatasetError(f'{label_path}: no modifiable training image (no two captions '
+                                   f'of the {split} split differ by one word)')
+        else:
+            self.generate_test_queries_()
+
+    def image_file(self, idx):
+        return os.path.join(self.img_path, self.imgs[idx]['file_path'])
+
+    def _check_images_exist(self, sources):
+        # One stat per file: about 1 s for the 200k images with a warm cache (faster than
+        # listing their ~75k folders).
+        files = [self.image_file(i) for i in range(len(self.imgs))]
+        missing = [i for i, f in enumerate(files) if not os.path.isfile(f)]
+        if missing:
+            i = missing[0]
+            label_file, line_no = sources[i]
+            more = (f'; {len(missing) - 1} more of the {len(files)} {self.split} images missing'
+                    if len(missing) > 1 else '')
+            raise DatasetError(f'{files[i]}: image not found (listed in {label_file} line '
+                               f'{line_no}{more})')
+
+    def generate_test_queries_(self):
+        """Every line of test_queries.txt, in file order.  A file listed twice in the labels maps
+        to its last index, as in the reference."""
+        file2imgid = {img['file_path']: i for i, img in enumerate(self.imgs)}
+        queries_file = os.path.join(self.img_path, 'test_queries.txt')
+        if not os.path.isfile(queries_file):
+            raise DatasetError(f'{queries_file}: Fashion200k test queries file not found')
+        self.test_queries = []
+        for line_no, line in enumerate(_read_text_lines(queries_file), 1):
+            if not line.strip():
+                continue
+            files = line.split()
+            if len(files) != 2:
+                raise DatasetError(f'{queries_file} line {line_no}: expected "source_path '
+                                   f'target_path", got {line.strip()[:80]!r}')
+            for f in files:
+                if f not in file2imgid:
+                    raise DatasetError(f'{queries_file} line {line_no}: {f}: not an image of the '
+                                       f'{self.split} split (labels/*{self.split}*.txt)')
+            idx, target_idx = file2imgid[files[0]], file2imgid[files[1]]
+            source_caption = self.imgs[idx]['captions'][0]
+            target_caption = self.imgs[target_idx]['captions'][0]
+            _, _, mod_str = get_different_word(source_caption, target_caption)
+            self.test_queries.append({
+                'source_img_id': idx, 'source_caption': source_caption,
+                'target_img_id': target_idx, 'target_caption': target_caption,
+                'mod': {'str': mod_str}})
+
+    def caption_index_init_(self):
+        """Captions, their parents (the caption less one word, see caption_parent) and the
+        modifiable images (a caption of theirs has a parent with two or more child captions)."""
+        caption2imgids = {}
+        for i, img in enumerate(self.imgs):
+            for c in img['captions']:
+                caption2imgids.setdefault(c, []).append(i)
+        self.caption2imgids = caption2imgids
+        parent2children_captions = {}  # parent -> {child: None}: ordered, fast membership
+        for c in caption2imgids:
+            for w in c.split():
+                parent2children_captions.setdefault(caption_parent(c, w), {})[c] = None
+        self.parent2children_captions = parent2children_captions = {
+            p: list(children) for p, children in parent2children_captions.items()}
+        for img in self.imgs:
+            img['modifiable'] = False
+            img['parent_captions'] = []
+        for p, children in parent2children_captions.items():
+            if len(children) >= 2:
+                for c in children:
+                    for imgid in caption2imgids[c]:
+                        self.imgs[imgid]['modifiable'] = True
+                        self.imgs[imgid]['parent_captions'].append(p)
+        self.caption_indexed = True
+
+    def caption_index_sample_(self, idx):
+        """The reference's sampler, with the global `numpy.random` and `random` generators."""
+        while not self.imgs[idx]['modifiable']:
+            idx = np.random.randint(0, len(self.imgs))
+        img = self.imgs[idx]
+        while True:
+            p = random.choice(img['parent_captions'])
+            c = random.choice(self.parent2children_captions[p])
+            if c not in img['captions']:
+                break
+        target_idx = random.choice(self.caption2imgids[c])
+        source_caption = self.imgs[idx]['captions'][0]
+        target_caption = self.imgs[target_idx]['captions'][0]
+        source_word, target_word, mod_str = get_different_word(source_caption, target_caption)
+        return idx, target_idx, source_word, target_word, mod_str
+
+    def __getitem__(self, idx):
+        if not self.caption_indexed:  # the reference indexed the train split only
+            self.caption_index_init_()
+            if not any(img['modifiable'] for img in self.imgs):
+                raise DatasetError(f'{self.path}: no modifiable image in the {self.split} split')
+        idx = self._wrap_index(idx)
+        for _ in range(MAX_REDRAWS):
+            idx, target_idx, _, _, mod_str = self.caption_index_sample_(idx)
+            try:
+                source_img, target_img = self.get_img(idx), self.get_img(target_idx)
+            except ImageReadError as e:
+                last_error = e
+                self._report_unreadable(e)
+                idx = self._redraw_index()
+                continue
+            return {
+                'source_img_id': idx,
+                'source_img_data': source_img,
+                'source_caption': self.imgs[idx]['captions'][0],
+                'target_img_id': target_idx,
+                'target_caption': self.imgs[target_idx]['captions'][0],
+                'target_img_data': target_img,
+                'mod': {'str': mod_str},
+            }
+        raise DatasetError(f'{self.path}: {MAX_REDRAWS} training examples in a row had an '
+                           f'unreadable image (last: {last_error.path})')
+
+    def summary(self):
+        captions = {img['captions'][0] for img in self.imgs}
+        modifiable = (f'{sum(img["modifiable"] for img in self.imgs)} modifiable images, '
+                      if self.caption_indexed else '')
+        return (f'Fashion200k {self.split}: {len(self.imgs)} images, {len(captions)} unique '
+                f'captions, {modifiable}{len(self.test_queries)} test queries')
+
+
+MITSTATES_TEST_NOUNS = (
+    'armor', 'bracelet', 'bush', 'camera', 'candy', 'castle', 'ceramic', 'cheese', 'clock',
+    'clothes', 'coffee', 'fan', 'fig', 'fish', 'foam', 'forest', 'fruit', 'furniture', 'garden',
+    'gate', 'glass', 'horse', 'island', 'laptop', 'lead', 'lightning', 'mirror', 'orange', 'paint',
+    'persimmon', 'plastic', 'plate', 'potato', 'road', 'rubber', 'sand', 'shell', 'sky', 'smoke',
+    'steel', 'stream', 'table', 'tea', 'tomato', 'vacuum', 'wax', 'wheel', 'window', 'wool')
+
+
+class MITStates(PhotoDataset):
+    """MIT-States (SPEC 2.3): `<root>/images/<adjective noun>/*.jpg`, split by noun.
+
+    Deliberate fix: the reference iterated os.listdir (file-system order) over the folders and
+    their files, so image indices depended on the file system; here both listings are sorted.
+    Hidden files (names starting with '.') are ignored; any other non-JPEG file is an error (the
+    reference asserted).  The training sampler's pending pair (`saved_item`) is sampler state,
+    saved in checkpoints so that a resumed run continues exactly.
+    """
+
+    _sampler_state_attrs = ('saved_item',)
+
+    def __init__(self, path, split='train', transform=None, fast_decode=False):
+        super().__init__(path, split, transform, fast_decode)
+        self.saved_item = None
+        test_nouns = set(MITSTATES_TEST_NOUNS)
+        images_path = os.path.join(path, 'images')
+        if not os.path.isdir(images_path):
+            raise DatasetError(f'{images_path}: MIT-States images folder not found (is '
+                               f'--dataset_path={path} an MIT-States dataset?)')
+        for f in sorted(os.listdir(images_path)):
+            folder = os.path.join(images_path, f)
+            if ' ' not in f or not os.path.isdir(folder):
+                continue
+            words = f.split()
+            if len(words) != 2:
+                raise DatasetError(f'{folder}: expected a folder named "<adjective> <noun>"')
+            adj, noun = words
+            if adj == 'adj':
+                continue
+            if split == 'train' and noun in test_nouns:
+                continue
+            if split == 'test' and noun not in test_nouns:
+                continue
+            for file_path in sorted(os.listdir(folder)):
+                if file_path.startswith('.'):
+                    continue
+                full_path = os.path.join(folder, file_path)
+                if not file_path.lower().endswith(('jpg', 'jpeg')):
+                    raise DatasetError(f'{full_path}: not a JPEG image (MIT-States image folders '
+                                       f'hold only .jpg files)')
+                self.imgs.append({'file_path': full_path, 'captions': [f], 'adj': adj,
+                                  'noun': noun})
+        if not self.imgs:
+            raise DatasetError(f'{images_path}: no images of the {split} split (folders '
+                               f'"<adjective> <noun>" with .jpg files)')
+        self.caption_index_init_()
+        if split == 'test':
+            self.generate_test_queries_()
+
+    def image_file(self, idx):
+        return self.imgs[idx]['file_path']
+
+    def caption_index_init_(self):
+        self.caption2imgids = {}
+        self.noun2adjs = {}
+        for i, img in enumerate(self.imgs):
+            self.caption2imgids.setdefault(img['captions'][0], []).append(i)
+            adjs = self.noun2adjs.setdefault(img['noun'], [])
+            if img['adj'] not in adjs:
+                adjs.append(img['adj'])
+        for noun, adjs in self.noun2adjs.items():
+            if len(adjs) < 2:
+                raise DatasetError(
+                    f'{os.path.join(self.path, "images", adjs[0] + " " + noun)}: the noun '
+                    f'"{noun}" has images of one adjective only ("{adjs[0]}"); every noun of '
+                    f'the {self.split} split needs at least two')
+
+    def caption_index_sample_(self, idx):
+        """A random adjective of the image's noun (possibly its own) and a random image of it."""
+        noun = self.imgs[idx]['noun']
+        target_caption = random.choice(self.noun2adjs[noun]) + ' ' + noun
+        target_idx = random.choice(self.caption2imgids[target_caption])
+        return idx, target_idx
+
+    def generate_test_queries_(self):
+        self.test_queries = []
+        for idx, img in enumerate(self.imgs):
+            adj, noun = img['adj'], img['noun']
+            for target_adj in self.noun2adjs[noun]:
+                if target_adj != adj:
+                    self.test_queries.append({
+                        'source_img_id': idx, 'source_caption': img['captions'][0],
+                        'target_caption': target_adj + ' ' + noun, 'mod': {'str': target_adj}})
+
+    def _next_pair(self, idx):
+        """The reference's pairs: two targets of different adjectives for one source; the first
+        now, the second (kept in `saved_item`) at the next call, whatever index it asks for."""
+        if self.saved_item is None:
+            while True:
+                idx, target_idx1 = self.caption_index_sample_(idx)
+                idx, target_idx2 = self.caption_index_sample_(idx)
+                if self.imgs[target_idx1]['adj'] != self.imgs[target_idx2]['adj']:
+                    break
+            self.saved_item = [idx, target_idx2]
+            return idx, target_idx1
+        idx, target_idx = self.saved_item
+        self.saved_item = None
+        return idx, target_idx
+
+    def __getitem__(self, idx):
+        idx = self._wrap_index(idx)
+        for _ in range(MAX_REDRAWS):
+            source, target = self._next_pair(idx)
+            try:
+                source_img, target_img = self.get_img(source), self.get_img(target)
+            except ImageReadError as e:
+                last_error = e
+                self._report_unreadable(e)
+                self.saved_item = None
+                idx = self._redraw_index()
+                continue
+            return {
+                'source_img_id': source,
+                'source_img_data': source_img,
+                'source_caption': self.imgs[source]['captions'][0],
+                'target_img_id': target,
+                'target_img_data': target_img,
+                'noun': self.imgs[source]['noun'],
+                'target_caption': self.imgs[target]['captions'][0],
+                'mod': {'str': self.imgs[target]['adj']},
+            }
+        raise DatasetError(f'{self.path}: {MAX_REDRAWS} training examples in a row had an '
+                           f'unreadable image (last: {last_error.path})')
+
+    def summary(self):
+        captions = {img['captions'][0] for img in self.imgs}
+        adjs = {img['adj'] for img in self.imgs}
+        return (f'MITStates {self.split}: {len(self.imgs)} images, {len(captions)} unique '
+                f'captions, {len(self.noun2adjs)} nouns, {len(adjs)} adjectives, '
+                f'{len(self.test_queries)} test queries')

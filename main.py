@@ -343,6 +343,14 @@ def open_run(opt):
     return logger, run_dir
 
 
+def log_scalar(logger, tag, value, step):
+    """`add_scalar` without tensorboardX's tag clean-up, which would turn the reference's names
+    ('test recall_top1_correct_composition', 'total training loss') into underscored ones."""
+    from tensorboardX.proto.summary_pb2 import Summary
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
+    logger._get_file_writer().add_summary(summary, step)
+
+
 def append_metrics_line(run_dir, record):
     with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -354,7 +362,7 @@ def evaluate(opt, model, named_sets, logger, it, epoch, run_dir):
         for name, value in test_retrieval.test(opt, model, dataset):
             metrics[f'{split} {name}'] = value
     for name, value in metrics.items():
-        logger.add_scalar(name, value, it)
+        log_scalar(logger, name, value, it)
         print('    ', name, round(value, 4))
     append_metrics_line(run_dir, {'it': it, 'epoch': epoch, **metrics})
     return metrics
@@ -386,8 +394,8 @@ def save_checkpoint(opt, model, optimizer, trainset, progress, run_dir, name='la
 def log_epoch_losses(progress, logger, optimizer, it):
     for name, values in progress['losses'].items():
         print('    Loss', name, round(float(np.mean(values)), 4))
-        logger.add_scalar(name, float(np.mean(values)), it)
-    logger.add_scalar('learning_rate', optimizer.param_groups[0]['lr'], it)
+        log_scalar(logger, name, np.mean(values), it)
+    log_scalar(logger, 'learning_rate', optimizer.param_groups[0]['lr'], it)
 
 
 def checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir, progress,
@@ -452,7 +460,7 @@ def train(opt, model, optimizer, trainset, testset, logger, run_dir, device, pro
         if interrupt.raised:
             break
     if interrupt.raised:
-        path = save_checkpoint(opt, model, optimizer, trainset, progress, run_dir)
+        path = os.path.abspath(save_checkpoint(opt, model, optimizer, trainset, progress, run_dir))
         print(f'Saved {path} at iteration {progress["it"]}. To continue:\n'
               f'  {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} '
               f'--resume={shlex.quote(path)}', file=sys.stderr)

@@ -32,12 +32,10 @@ import time
 
 import numpy as np
 
-CSS_DATA_FILE = 'css_toy_dataset_novel2_small.dup.npy'
+from datasets import CSS_COLORS, CSS_DATA_FILE, draw_css_2d_image
+
 SPLITS = ('train', 'test')
 
-CSS_COLORS = {'gray': [87, 87, 87], 'red': [244, 35, 35], 'blue': [42, 75, 215],
-              'green': [29, 205, 20], 'brown': [129, 74, 25], 'purple': [129, 38, 192],
-              'cyan': [41, 208, 208], 'yellow': [255, 238, 51]}
 SHAPES = ('rectangle', 'circle', 'triangle')
 COLORS = tuple(CSS_COLORS)
 SIZES = ('small', 'large')
@@ -55,29 +53,6 @@ MAX_BASE_OBJECTS = 5
 OTHERS_SAMPLE = 24   # candidate co-sources looked at before falling back to a full scan
 RANDOM_TRIES = 30    # random modifications tried for a scene before enumerating all of them
 SPLIT_ATTEMPTS = 50
-
-
-def draw_css_2d_image(objects, size=64):
-    """The reference's 2D rendering of a CSS scene: HxWx3 floats in [0, 1] on white."""
-    img = np.ones((size, size, 3))
-    for obj in objects:
-        s = 8.0 if obj['size'] == 'large' else 4.0
-        c = [v / 255.0 for v in CSS_COLORS[obj['color']]]
-        y = obj['pos'][0] * size
-        x = obj['pos'][1] * size
-        if obj['shape'] == 'rectangle':
-            img[int(y - s):int(y + s), int(x - s):int(x + s), :] = c
-        elif obj['shape'] == 'circle':
-            for y0 in range(int(y - s), int(y + s) + 1):
-                x0 = x + (abs(y0 - y) - s)
-                x1 = 2 * x - x0
-                img[y0, int(x0):int(x1), :] = c
-        elif obj['shape'] == 'triangle':
-            for y0 in range(int(y - s), int(y + s)):
-                x0 = x + (y0 - y - s) / 2
-                x1 = 2 * x - x0
-                img[y0, int(x0):int(x1), :] = c
-    return img
 
 
 def tokenize(text):

@@ -5,13 +5,15 @@ features are computed once under inference mode, and scores and top-k run in tor
 device, a chunk of queries at a time so memory stays bounded.  Results equal the per-query
 implementation (tests/test_test_retrieval.py checks it).
 """
+import os
 import random
 
 import numpy as np
 import torch
 
 RECALL_KS = (1, 5, 10, 50, 100)
-NUM_SAMPLED_TRAIN_EXAMPLES = 10000
+# SPEC 6: 10,000.  TIRG_NUM_SAMPLED_TRAIN_EXAMPLES lowers it for tests on tiny fixtures.
+NUM_SAMPLED_TRAIN_EXAMPLES = int(os.environ.get('TIRG_NUM_SAMPLED_TRAIN_EXAMPLES', 10000))
 # Score given to a query's own source image, as in the reference (it stays in the ranking, last).
 SOURCE_IMAGE_SCORE = -10e10
 # Upper bound on the number of query x gallery scores held at once (float32: 4 bytes each).
@@ -35,8 +37,11 @@ class _ImageList(torch.utils.data.Dataset):
 
 
 def _image_batches(dataset, ids, batch_size, num_workers):
+    # Its own generator: creating a loader must not draw from the global torch stream, which
+    # training (dropout, triplet sampling) depends on; an evaluation must not change a run.
     loader = torch.utils.data.DataLoader(
-        _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers)
+        _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers,
+        generator=torch.Generator())
     return iter(loader)
 
 
@@ -77,16 +82,22 @@ def compute_example_features(model, examples, batch_size):
     return torch.cat(queries), torch.cat(targets)
 
 
-def sample_training_examples(dataset, count=NUM_SAMPLED_TRAIN_EXAMPLES, seed=0):
-    """The same `count` examples at every evaluation; the global generators that training draws
-    from are left exactly as they were."""
+def sample_training_examples(dataset, count=None, seed=0):
+    """The same `count` (default NUM_SAMPLED_TRAIN_EXAMPLES) examples at every evaluation; the
+    global generators that training draws from are left exactly as they were."""
+    count = NUM_SAMPLED_TRAIN_EXAMPLES if count is None else count
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # Stateful samplers (a pending pair) start fresh and resume afterwards.  Any object with the
+    # dataset API works; these hooks are optional.
+    sampler_state = getattr(dataset, 'get_sampler_state', dict)()
+    getattr(dataset, 'reset_sampler_state', lambda: None)()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     try:
         return [dataset[i] for i in range(count)]
     finally:
+        getattr(dataset, 'set_sampler_state', lambda state: None)(sampler_state)
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])

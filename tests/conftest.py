@@ -61,3 +61,46 @@ def css_root(tmp_path):
     root = str(tmp_path / 'css')
     write_css_fixture(root)
     return root
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value)]} from the tensorboard event files of a run folder."""
+    import glob
+    import struct
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))):
+        with open(path, 'rb') as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack('<Q', data[pos:pos + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField('simple_value'):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def run_main(args, cwd, timeout=600, env=None):
+    import subprocess
+    # One thread: on a 2-core machine shared with the test runner, two threads thrash.
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, os.path.join(REPO, 'main.py')] + list(args), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+TINY = ['--dataset=css3d', '--batch_size=4', '--embed_dim=16', '--loader_num_workers=0',
+        '--img_weights=none']
+
+
+def pytest_configure(config):
+    """The test machines share a few cores; torch's default of one OpenMP thread per core spins
+    against the other processes and makes small CPU forward passes ~10x slower.  One thread."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

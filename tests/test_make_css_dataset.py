@@ -44,8 +44,8 @@ def reference_draw(objects, size=64):
                 img[y0, int(x0):int(x1), :] = c
         elif obj['shape'] == 'triangle':
             for y0 in range(int(y - s), int(y + s)):
-                x0 = x + (y0 - y - s) / 2; x1 = 2 * x - x0
-                img[y0, int(x0):int(x1), :] = c
+                half_width = (y0 - y + s) / 2  # apex at the top (SPEC 2.1)
+                img[y0, int(x - half_width):int(x + half_width), :] = c
     return img
 
 

@@ -1,0 +1,472 @@
+"""CSSDataset (SPEC section 2.1) on the small fixture of conftest.py."""
+import json
+import os
+import pickle
+import random
+import signal
+import contextlib
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import datasets
+from conftest import obj, write_css_fixture
+
+CSS_COLORS = {'gray': (87, 87, 87), 'red': (244, 35, 35), 'blue': (42, 75, 215),
+              'green': (29, 205, 20), 'brown': (129, 74, 25), 'purple': (129, 38, 192),
+              'cyan': (41, 208, 208), 'yellow': (255, 238, 51)}
+WHITE = (1.0, 1.0, 1.0)
+
+
+def rgb(color):
+    return np.array(CSS_COLORS[color]) / 255.0
+
+
+def load_fixture_data(root):
+    return np.load(os.path.join(root, datasets.CSS_DATA_FILE), allow_pickle=True, encoding='latin1').item()
+
+
+def make_dataset(root, split='train', **kwargs):
+    return datasets.CSSDataset(root, split=split, transform=datasets.css_transform(), **kwargs)
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    def expired(signum, frame):
+        raise TimeoutError(f'did not finish within {seconds} s')
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def triple(example):
+    return example['source_img_id'], example['mod']['id'], example['target_img_id']
+
+
+# --------------------------------------------------------------------------------------------
+# Images, captions, queries, texts
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_captions_are_labels(css_root, split):
+    data = load_fixture_data(css_root)[split]
+    ds = make_dataset(css_root, split)
+    assert len(ds) == len(ds.imgs) == len(data['objects_img'])
+    assert [img['captions'] for img in ds.imgs] == [[str(label)] for label in data['labels']]
+    assert [img['objects'] for img in ds.imgs] == data['objects_img']
+    # Identical scenes share a label, so some captions repeat.
+    assert len({img['captions'][0] for img in ds.imgs}) < len(ds.imgs)
+
+
+def test_captions_are_indices_without_labels(tmp_path):
+    root = str(tmp_path / 'nolabels')
+    data = write_css_fixture(root, with_labels=False)
+    ds = make_dataset(root, 'train')
+    assert [img['captions'] for img in ds.imgs] == [[str(i)] for i in range(len(data['train']['objects_img']))]
+
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_test_queries_in_mod_order(css_root, split):
+    data = load_fixture_data(css_root)[split]
+    ds = make_dataset(css_root, split)
+    captions = [str(label) for label in data['labels']]
+    expected = [(source, captions[target], mod['to_str'])
+                for mod in data['mods'] for source, target in zip(mod['from'], mod['to'])]
+    got = [(q['source_img_id'], q['target_caption'], q['mod']['str']) for q in ds.get_test_queries()]
+    assert got == expected
+    assert len(got) == len(data['mods'])
+
+
+def test_test_queries_with_several_pairs_per_mod(tmp_path):
+    root = str(tmp_path / 'pairs')
+    scenes = [[obj('rectangle', c, 'small', 'top', 'left')] for c in ('red', 'blue', 'green', 'gray')]
+    split = {'objects_img': scenes,
+             'mods': [{'from': [0, 2], 'to': [1, 3], 'to_str': 'first'},
+                      {'from': [3, 1, 0], 'to': [0, 2, 3], 'to_str': 'second'}],
+             'labels': [10, 11, 12, 13]}
+    np.save(os.path.join(root_dir(root), datasets.CSS_DATA_FILE),
+            np.array({'train': split, 'test': split}, dtype=object), allow_pickle=True)
+    ds = make_dataset(root, 'test')
+    got = [(q['source_img_id'], q['target_caption'], q['mod']['str']) for q in ds.get_test_queries()]
+    assert got == [(0, '11', 'first'), (2, '13', 'first'),
+                   (3, '10', 'second'), (1, '12', 'second'), (0, '13', 'second')]
+
+
+def root_dir(root):
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def test_get_all_texts_is_every_mod_text(css_root):
+    data = load_fixture_data(css_root)['train']
+    ds = make_dataset(css_root, 'train')
+    assert ds.get_all_texts() == [mod['to_str'] for mod in data['mods']]
+
+
+# --------------------------------------------------------------------------------------------
+# Training sampler
+# --------------------------------------------------------------------------------------------
+
+def assert_real_pair(ds, example):
+    source, mod_id, target = triple(example)
+    mod = ds.mods[mod_id]
+    assert (source, target) in list(zip(mod['from'], mod['to']))
+    assert example['mod']['str'] == mod['to_str']
+    assert example['source_caption'] == ds.imgs[source]['captions'][0]
+    assert example['target_caption'] == ds.imgs[target]['captions'][0]
+
+
+def test_consecutive_examples_share_a_source_with_different_mods(css_root):
+    ds = make_dataset(css_root, 'train')
+    np.random.seed(0)
+    random.seed(0)
+    examples = [ds[i] for i in range(40)]
+    for example in examples:
+        assert_real_pair(ds, example)
+    for first, second in zip(examples[0::2], examples[1::2]):
+        assert first['source_img_id'] == second['source_img_id']
+        assert first['mod']['id'] != second['mod']['id']
+    # Images are the transformed images of the ids.
+    e = examples[0]
+    assert torch.equal(e['source_img_data'], ds.get_img(e['source_img_id']))
+    assert torch.equal(e['target_img_data'], ds.get_img(e['target_img_id']))
+    assert e['source_img_data'].shape == (3, 64, 64)
+    # Different pairs use different sources (random first queries).
+    assert len({e['source_img_id'] for e in examples}) > 3
+
+
+def test_second_query_is_a_random_other_mod_of_the_source(tmp_path):
+    """Scene 0 has three mods: after a first query with one of them, the second uses each of the
+    two others."""
+    root = root_dir(str(tmp_path / 'three'))
+    colors = ['red', 'blue', 'green', 'gray']
+    scenes = [[obj('circle', c, 'large', 'middle', 'center')] for c in colors]
+    mods = [{'from': [0], 'to': [k], 'to_str': f'make middle-center red object {colors[k]}'}
+            for k in (1, 2, 3)]
+    split = {'objects_img': scenes, 'mods': mods}
+    np.save(os.path.join(root, datasets.CSS_DATA_FILE),
+            np.array({'train': split, 'test': split}, dtype=object), allow_pickle=True)
+    ds = make_dataset(root, 'train')
+    np.random.seed(1)
+    random.seed(1)
+    seconds = {0: set(), 1: set(), 2: set()}
+    for _ in range(60):
+        first, second = ds.generate_random_query_target(), ds.generate_random_query_target()
+        assert first['source_img_id'] == second['source_img_id'] == 0
+        assert first['mod']['id'] != second['mod']['id']
+        seconds[first['mod']['id']].add(second['mod']['id'])
+    assert seconds == {0: {1, 2}, 1: {0, 2}, 2: {0, 1}}
+
+
+def single_mod_fixture(root):
+    """Scene 0 has a single modification, scene 1 has two."""
+    root = root_dir(root)
+    scenes = [[obj('rectangle', 'red', 'small', 'top', 'left')],
+              [obj('triangle', 'blue', 'large', 'bottom', 'right')],
+              [obj('rectangle', 'green', 'small', 'top', 'left')],
+              [obj('triangle', 'gray', 'large', 'bottom', 'right')],
+              [obj('triangle', 'cyan', 'large', 'bottom', 'right')]]
+    mods = [{'from': [0], 'to': [2], 'to_str': 'make top-left red object green'},
+            {'from': [1], 'to': [3], 'to_str': 'make bottom-right blue object gray'},
+            {'from': [1], 'to': [4], 'to_str': 'make bottom-right blue object cyan'}]
+    split = {'objects_img': scenes, 'mods': mods}
+    np.save(os.path.join(root, datasets.CSS_DATA_FILE),
+            np.array({'train': split, 'test': split}, dtype=object), allow_pickle=True)
+    return root
+
+
+def test_source_with_a_single_mod_does_not_hang(tmp_path, monkeypatch):
+    ds = make_dataset(single_mod_fixture(str(tmp_path / 'single')), 'train')
+    # Force the first query onto mod 0 (scene 0, the only mod of its source).
+    monkeypatch.setattr(np.random, 'randint', lambda low, high=None, *args, **kwargs: 0)
+    with time_limit(10):
+        first = ds.generate_random_query_target()
+        second = ds.generate_random_query_target()
+    assert triple(first) == (0, 0, 2)
+    assert_real_pair(ds, first)
+    assert_real_pair(ds, second)
+
+
+def test_sampling_with_single_mod_sources_stays_valid(tmp_path):
+    ds = make_dataset(single_mod_fixture(str(tmp_path / 'single')), 'train')
+    np.random.seed(3)
+    random.seed(3)
+    examples, second_queries = [], 0
+    with time_limit(20):
+        for _ in range(80):
+            # A source with two mods whose first query was just drawn: its second query follows.
+            pending = ds.last_from if len(ds.last_mod) == 1 else None
+            previous_mod = ds.last_mod[0] if pending is not None else None
+            e = ds.generate_random_query_target()
+            examples.append(e)
+            if pending == 1:
+                second_queries += 1
+                assert e['source_img_id'] == 1 and e['mod']['id'] != previous_mod
+    for e in examples:
+        assert_real_pair(ds, e)
+    assert {e['source_img_id'] for e in examples} == {0, 1}
+    assert second_queries > 5
+
+
+def test_sampler_state_round_trip(css_root):
+    ds = make_dataset(css_root, 'train')
+    np.random.seed(5)
+    random.seed(5)
+    drawn = [ds.generate_random_query_target() for _ in range(3)]  # mid-pair
+    state = ds.get_sampler_state()
+    state = json.loads(json.dumps(state))  # plain ints and lists
+    assert state['last_from'] == drawn[-1]['source_img_id']
+
+    np.random.seed(7)
+    random.seed(7)
+    expected = [triple(ds.generate_random_query_target()) for _ in range(5)]
+    assert expected[0][0] == drawn[-1]['source_img_id']  # the pair is completed
+
+    resumed = make_dataset(css_root, 'train')
+    resumed.set_sampler_state(state)
+    np.random.seed(7)
+    random.seed(7)
+    assert [triple(resumed.generate_random_query_target()) for _ in range(5)] == expected
+
+    fresh = make_dataset(css_root, 'train')
+    np.random.seed(7)
+    random.seed(7)
+    assert [triple(fresh.generate_random_query_target()) for _ in range(5)] != expected
+
+
+def test_sampler_state_is_plain(css_root):
+    ds = make_dataset(css_root, 'train')
+    ds.set_sampler_state({'last_from': np.int64(3), 'last_mod': [np.int64(1)]})
+    state = ds.get_sampler_state()
+    assert state == {'last_from': 3, 'last_mod': [1]}
+    assert type(state['last_from']) is int and type(state['last_mod'][0]) is int
+    assert make_dataset(css_root, 'train').get_sampler_state() == {'last_from': None, 'last_mod': []}
+
+
+# --------------------------------------------------------------------------------------------
+# 2D drawing and PNGs
+# --------------------------------------------------------------------------------------------
+
+def coloured(img, color):
+    return np.all(np.isclose(img, rgb(color)), axis=2)
+
+
+def test_images_are_drawn_when_there_are_no_pngs(css_root):
+    ds = make_dataset(css_root, 'train')
+    assert ds.img_path is None
+    transform = datasets.css_transform()
+    for idx in (0, 5, len(ds.imgs) - 1):
+        img = ds.get_img(idx)
+        assert isinstance(img, torch.Tensor) and img.shape == (3, 64, 64) and img.dtype == torch.float32
+        raw = ds.get_img(idx, raw_img=True)
+        assert isinstance(raw, np.ndarray) and raw.shape == (64, 64, 3)
+        assert raw.min() >= 0 and raw.max() <= 1
+        torch.testing.assert_close(img, transform(raw))
+        # white background, the object's colour at its centre (single-object scenes)
+        (o,) = ds.imgs[idx]['objects']
+        assert tuple(raw[0, 0]) == WHITE and tuple(raw[63, 63]) == WHITE
+        y, x = int(o['pos'][0] * 64), int(o['pos'][1] * 64)
+        np.testing.assert_allclose(raw[y, x], rgb(o['color']))
+        n = coloured(raw, o['color']).sum()
+        s = 8 if o['size'] == 'large' else 4
+        assert 0 < n <= (2 * s) ** 2
+    # ImageNet normalisation of white
+    white = (1 - np.array(datasets.IMAGENET_MEAN)) / np.array(datasets.IMAGENET_STD)
+    np.testing.assert_allclose(ds.get_img(0)[:, 0, 0].numpy(), white, rtol=1e-5)
+
+
+def test_rectangle_is_a_filled_2s_square():
+    for size, s in (('small', 4), ('large', 8)):
+        img = datasets.draw_css_2d_image([obj('rectangle', 'red', size, 'middle', 'center')])
+        mask = coloured(img, 'red')
+        expected = np.zeros((64, 64), bool)
+        expected[32 - s:32 + s, 32 - s:32 + s] = True
+        assert np.array_equal(mask, expected)
+        assert np.all(img[~mask] == 1.0)
+
+
+def test_circle_is_a_diamond():
+    img = datasets.draw_css_2d_image([obj('circle', 'blue', 'small', 'middle', 'center')])
+    mask = coloured(img, 'blue')
+    widths = mask.sum(axis=1)
+    # rows 28..36: the width shrinks linearly from 2s at the centre row to the tips
+    assert widths[28:37].tolist() == [0, 2, 4, 6, 8, 6, 4, 2, 0]
+    assert widths.sum() == widths[28:37].sum()
+    assert mask[32, 28:36].all() and not mask[32, 27] and not mask[32, 36]
+    # the corners of the 2s square are white: not a square
+    assert not mask[29, 28] and not mask[35, 35] and mask[29, 31] and mask[29, 32]
+    # symmetric about the centre column (x1 = 2x - x0)
+    assert np.array_equal(mask[:, :32], mask[:, 32:64][:, ::-1])
+
+
+def reference_triangle(y, x, s):
+    """The reference's triangle rows: apex at the top, base about 2s wide at the bottom."""
+    mask = np.zeros((64, 64), bool)
+    for y0 in range(int(y - s), int(y + s)):
+        x0 = x + (y0 - y + s) / 2
+        x1 = 2 * x - x0
+        x0, x1 = min(x0, x1), max(x0, x1)
+        mask[y0, int(x0):int(x1)] = True
+    return mask
+
+
+@pytest.mark.parametrize('size,s', [('small', 4), ('large', 8)])
+def test_triangle_apex_at_top_base_at_bottom(size, s):
+    img = datasets.draw_css_2d_image([obj('triangle', 'green', size, 'middle', 'center')])
+    mask = coloured(img, 'green')
+    rows = [r for r in range(64) if mask[r].any()]
+    top, bottom = rows[0], rows[-1]
+    assert mask[top].sum() <= 2  # apex
+    assert mask[bottom].sum() >= 2 * s - 1  # base, about 2s wide
+    widths = [mask[r].sum() for r in rows]
+    assert widths == sorted(widths)  # widening downwards
+    assert np.array_equal(mask, reference_triangle(32.0, 32.0, s))
+    assert tuple(img[32, 32]) == tuple(rgb('green'))
+
+
+def test_objects_are_drawn_in_order_on_one_canvas():
+    objects = [obj('rectangle', 'yellow', 'large', 'top', 'left'),
+               obj('rectangle', 'purple', 'small', 'top', 'left'),
+               obj('circle', 'brown', 'small', 'bottom', 'right')]
+    img = datasets.draw_css_2d_image(objects)
+    y, x = int(64 / 6), int(64 / 6)
+    np.testing.assert_allclose(img[y, x], rgb('purple'))  # drawn over the yellow one
+    np.testing.assert_allclose(img[y - 6, x - 6], rgb('yellow'))
+    np.testing.assert_allclose(img[int(5 * 64 / 6), int(5 * 64 / 6)], rgb('brown'))
+    assert coloured(img, 'purple').sum() == 64
+
+
+def test_pngs_are_read_when_present(tmp_path):
+    root = str(tmp_path / 'pngs')
+    write_css_fixture(root, pngs=True)
+    ds = make_dataset(root, 'test')
+    assert ds.img_path == os.path.join(root, 'images')
+    transform = datasets.css_transform()
+    for idx in (0, 7, len(ds.imgs) - 1):
+        png = os.path.join(root, 'images', 'css_test_%06d.png' % idx)
+        with PIL.Image.open(png) as f:
+            expected = transform(f.convert('RGB'))
+        img = ds.get_img(idx)
+        assert img.shape == (3, 64, 64)
+        torch.testing.assert_close(img, expected)
+        raw = ds.get_img(idx, raw_img=True)
+        assert isinstance(raw, PIL.Image.Image) and raw.size == (64, 64) and raw.mode == 'RGB'
+        drawn = ds.get_img(idx, raw_img=True, get_2d=True)
+        assert isinstance(drawn, np.ndarray)
+        assert np.abs(np.asarray(raw) / 255.0 - drawn).max() <= 1 / 255.0
+        assert (img - ds.get_img(idx, get_2d=True)).abs().max() <= (1 / 255.0) / min(datasets.IMAGENET_STD) + 1e-6
+    # use_2d ignores the PNGs
+    ds2d = make_dataset(root, 'test', use_2d=True)
+    assert ds2d.img_path is None
+    torch.testing.assert_close(ds2d.get_img(3), ds.get_img(3, get_2d=True))
+
+
+def test_unreadable_png_is_a_dataset_error(tmp_path):
+    root = str(tmp_path / 'badpng')
+    write_css_fixture(root, pngs=True)
+    bad = os.path.join(root, 'images', 'css_train_000002.png')
+    with open(bad, 'wb') as f:
+        f.write(b'not a png')
+    ds = make_dataset(root, 'train')
+    with pytest.raises(datasets.DatasetError, match='css_train_000002.png'):
+        ds.get_img(2)
+
+
+# --------------------------------------------------------------------------------------------
+# The data file
+# --------------------------------------------------------------------------------------------
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes str and bytes the way Python 2 pickled its byte strings (BINSTRING opcodes)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_string(self, value):
+        data = value if isinstance(value, bytes) else value.encode('latin1')
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, 'little') + data)
+        self.memoize(value)
+
+    dispatch[str] = _save_py2_string
+    dispatch[bytes] = _save_py2_string
+
+
+def write_python2_npy(path, data):
+    """A 0-d object array holding `data`, pickled with protocol 2 as Python 2 numpy wrote it."""
+    import io
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(np.array(data, dtype=object))
+    payload = buffer.getvalue().replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n')
+    with open(path, 'wb') as f:
+        np.lib.format.write_array_header_1_0(
+            f, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+        f.write(payload)
+
+
+def test_python2_pickle_loads(tmp_path):
+    root = root_dir(str(tmp_path / 'py2'))
+    split = {'objects_img': [[obj('rectangle', 'red', 'small', 'top', 'left')],
+                             [obj('rectangle', 'blue', 'small', 'top', 'left')]],
+             'mods': [{'from': [0], 'to': [1], 'to_str': 'make top-left red object blue caf\xe9'}],
+             'labels': [0, 1]}
+    path = os.path.join(root, datasets.CSS_DATA_FILE)
+    write_python2_npy(path, {'train': split, 'test': split})
+    with open(path, 'rb') as f:
+        assert b'cnumpy.core.multiarray\n' in f.read()
+    with pytest.raises(UnicodeError):  # it really is a Python 2 byte-string pickle
+        np.load(path, allow_pickle=True, encoding='ASCII')
+    ds = make_dataset(root, 'train')
+    assert ds.get_all_texts() == ['make top-left red object blue caf\xe9']
+    assert [img['captions'] for img in ds.imgs] == [['0'], ['1']]
+    assert ds.get_img(0).shape == (3, 64, 64)
+
+
+def test_protocol_2_npy_loads(tmp_path):
+    root = root_dir(str(tmp_path / 'proto2'))
+    data = write_css_fixture(str(tmp_path / 'tmp'))
+    path = os.path.join(root, datasets.CSS_DATA_FILE)
+    with open(path, 'wb') as f:
+        np.lib.format.write_array_header_1_0(
+            f, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+        pickle.dump(np.array(data, dtype=object), f, protocol=2)
+    with open(path, 'rb') as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        assert f.read(2) == b'\x80\x02'  # a protocol 2 pickle
+    assert np.load(path, allow_pickle=True, encoding='latin1').item().keys() == data.keys()
+    ds = make_dataset(root, 'test')
+    assert len(ds.imgs) == len(data['test']['objects_img'])
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    root = str(tmp_path / 'nothing')
+    with pytest.raises(datasets.DatasetError) as info:
+        make_dataset(root)
+    assert os.path.join(root, datasets.CSS_DATA_FILE) in str(info.value)
+
+
+def test_corrupt_data_file_names_the_path(tmp_path):
+    root = root_dir(str(tmp_path / 'corrupt'))
+    path = os.path.join(root, datasets.CSS_DATA_FILE)
+    with open(path, 'wb') as f:
+        f.write(b'\x93NUMPY garbage')
+    with pytest.raises(datasets.DatasetError) as info:
+        make_dataset(root)
+    assert path in str(info.value)
+
+
+def test_missing_split_is_a_dataset_error(tmp_path):
+    root = str(tmp_path / 'nosplit')
+    data = write_css_fixture(root)
+    np.save(os.path.join(root, datasets.CSS_DATA_FILE), np.array({'train': data['train']}, dtype=object),
+            allow_pickle=True)
+    with pytest.raises(datasets.DatasetError, match='test'):
+        make_dataset(root, 'test')
