@@ -8,6 +8,7 @@ seeds them from `--seed`, and `worker_init_fn` gives every DataLoader worker its
 import os
 import random
 import re
+import signal
 import sys
 
 import numpy as np
@@ -85,6 +86,9 @@ def worker_init_fn(worker_id):
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
+    # Ctrl-C reaches the whole process group; the main process decides what it means (finish the
+    # iteration and save), so a worker must not die of it mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _plain_ints(value):

@@ -212,10 +212,14 @@ class TrainingStopped(Exception):
 
 
 class InterruptFlag:
-    """First Ctrl-C: finish the iteration, save and exit 130.  Second: abort at once."""
+    """First Ctrl-C: finish the iteration, save and exit 130.  Second: abort at once.
+
+    Inside `interruptible()` (a retrieval test, which changes no state and may take minutes) the
+    first Ctrl-C stops at once with KeyboardInterrupt, and the caller saves."""
 
     def __init__(self):
         self.raised = False
+        self.immediate = False
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -224,8 +228,17 @@ class InterruptFlag:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
+    @contextlib.contextmanager
+    def interruptible(self):
+        self.immediate = True
+        try:
+            yield
+        finally:
+            self.immediate = False
+
     def _handle(self, signum, frame):
-        if self.raised:
+        if self.raised or self.immediate:
+            self.raised = True
             raise KeyboardInterrupt
         self.raised = True
         print('\nInterrupted: finishing this iteration, then saving (Ctrl-C again to abort)',
@@ -399,12 +412,13 @@ def log_epoch_losses(progress, logger, optimizer, it):
 
 
 def checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir, progress,
-                            test_now):
+                            test_now, interrupt):
     """The reference's start-of-epoch block: losses, retrieval test, checkpoint."""
     log_epoch_losses(progress, logger, optimizer, progress['it'])
     if test_now:
-        metrics = evaluate(opt, model, [('train', trainset), ('test', testset)], logger,
-                           progress['it'], progress['epoch'], run_dir)
+        with interrupt.interruptible():
+            metrics = evaluate(opt, model, [('train', trainset), ('test', testset)], logger,
+                               progress['it'], progress['epoch'], run_dir)
         recall = metrics.get(TRACKED_METRIC)
         if recall is not None and (progress['best_recall'] is None or recall > progress['best_recall']):
             progress['best_recall'] = recall
@@ -449,8 +463,14 @@ def train(opt, model, optimizer, trainset, testset, logger, run_dir, device, pro
             print('It', progress['it'], 'epoch', progress['epoch'], 'Elapsed time',
                   round(time.time() - tic, 4), opt.comment)
             tic = time.time()
-            checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir,
-                                    progress, test_now=progress['epoch'] % 3 == 1)
+            try:
+                checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir,
+                                        progress, progress['epoch'] % 3 == 1, interrupt)
+            except KeyboardInterrupt:
+                # Stopped inside the retrieval test: a resumed run redoes this epoch's start.
+                progress['epoch'] -= 1
+                progress['batches_done'] = per_epoch
+                break
             progress['losses'] = {}
         if interrupt.raised:
             break
@@ -460,15 +480,22 @@ def train(opt, model, optimizer, trainset, testset, logger, run_dir, device, pro
         if interrupt.raised:
             break
     if interrupt.raised:
-        path = os.path.abspath(save_checkpoint(opt, model, optimizer, trainset, progress, run_dir))
-        print(f'Saved {path} at iteration {progress["it"]}. To continue:\n'
-              f'  {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} '
-              f'--resume={shlex.quote(path)}', file=sys.stderr)
-        return 130
+        return save_after_interrupt(opt, model, optimizer, trainset, progress, run_dir)
     print('Finished training at iteration', progress['it'])
-    checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir, progress,
-                            test_now=True)
+    try:
+        checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir,
+                                progress, True, interrupt)
+    except KeyboardInterrupt:
+        return save_after_interrupt(opt, model, optimizer, trainset, progress, run_dir)
     return 0
+
+
+def save_after_interrupt(opt, model, optimizer, trainset, progress, run_dir):
+    path = os.path.abspath(save_checkpoint(opt, model, optimizer, trainset, progress, run_dir))
+    print(f'Saved {path} at iteration {progress["it"]}. To continue:\n'
+          f'  {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} '
+          f'--resume={shlex.quote(path)}', file=sys.stderr)
+    return 130
 
 
 def test_only(opt, model, trainset, testset, logger, run_dir):

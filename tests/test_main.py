@@ -211,11 +211,15 @@ def test_corrupt_checkpoint_is_a_one_line_error(css_root, tmp_path):
     assert result.returncode == 1 and str(path) in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path):
+@pytest.mark.parametrize('workers', [0, 2])
+def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path, workers):
+    # A terminal's Ctrl-C signals the whole process group, DataLoader workers included.
+    args = TINY[:-2] + [f'--loader_num_workers={workers}', '--img_weights=none']
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, 'main.py')] + TINY +
+        [sys.executable, os.path.join(REPO, 'main.py')] + args +
         [f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_int'],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     deadline = time.time() + 120
     while time.time() < deadline and not run_folders(tmp_path, '_int'):
         time.sleep(0.2)
@@ -223,8 +227,8 @@ def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path
     ckpt_path = os.path.join(run_dir, 'latest_checkpoint.pth')
     while time.time() < deadline and not os.path.exists(ckpt_path):
         time.sleep(0.2)
-    time.sleep(3)  # some iterations of epoch 0
-    proc.send_signal(signal.SIGINT)
+    time.sleep(4)  # some iterations of epoch 0
+    os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert 'Traceback' not in stderr
