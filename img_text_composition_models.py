@@ -79,12 +79,16 @@ class ImgTextCompositionBase(torch.nn.Module):
         raise NotImplementedError
 
     def compute_loss(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True):
-        query = self.normalization_layer(self.compose_img_text(imgs_query, modification_texts))
-        target = self.normalization_layer(self.extract_img_feature(imgs_target))
+        query = self.compose_img_text(imgs_query, modification_texts)
+        target = self.extract_img_feature(imgs_target)
         assert query.shape == target.shape
-        if soft_triplet_loss:
-            return self.compute_soft_triplet_loss_(query, target)
-        return self.compute_batch_based_classification_loss_(query, target)
+        # The losses run in float32 even under --amp: distances between nearby points need it.
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            query = self.normalization_layer(query.float())
+            target = self.normalization_layer(target.float())
+            if soft_triplet_loss:
+                return self.compute_soft_triplet_loss_(query, target)
+            return self.compute_batch_based_classification_loss_(query, target)
 
     def compute_soft_triplet_loss_(self, query, target):
         triplets = torch_functions.sample_triplets(query.shape[0], device=query.device)

@@ -40,7 +40,9 @@ class _SoftTripletLossFunction(torch.autograd.Function):
         margin = distances[anchor, positive] - distances[anchor, negative]
         ctx.save_for_backward(features, triplets, margin)
         # The reference summed log(1 + exp(.)) in float64; softplus is the overflow-free form.
-        return F.softplus(margin.double()).mean().to(features.dtype)
+        # (MPS has no float64.)
+        wide = margin if margin.device.type == 'mps' else margin.double()
+        return F.softplus(wide).mean().to(features.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
