@@ -369,11 +369,37 @@ def append_metrics_line(run_dir, record):
         f.write(json.dumps(record) + '\n')
 
 
+def log_retrieval_examples(logger, dataset, features, it, count=4, k=5):
+    """Tensorboard image 'retrieval examples': `count` fixed, evenly spaced test queries, one row
+    each (source image and text), then their top-k results, the correct ones framed in green.
+    It reuses the retrieval test's features and draws from no random generator."""
+    import retrieval_grid
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import make_image
+    queries = dataset.get_test_queries()
+    ids = sorted({i * len(queries) // count for i in range(count)})
+    exclude = None if features['exclude'] is None else features['exclude'][ids]
+    scores, neighbours = test_retrieval.top_k_with_scores(features['query'][ids],
+                                                          features['gallery'], k, exclude)
+    rows = [retrieval_grid.result_row(
+        dataset, retrieval_grid.display_image(dataset, queries[i]['source_img_id']),
+        queries[i]['mod']['str'], scores[r].tolist(), neighbours[r].tolist(),
+        queries[i]['target_caption'], f'target: {queries[i]["target_caption"]}')
+        for r, i in enumerate(ids)]
+    picture = np.asarray(retrieval_grid.draw_rows(rows).convert('RGB'))  # HxWx3 uint8
+    # Written directly, as log_scalar does, so that the tag keeps its space.
+    summary = Summary(value=[Summary.Value(tag='retrieval examples', image=make_image(picture))])
+    logger._get_file_writer().add_summary(summary, it)
+
+
 def evaluate(opt, model, named_sets, logger, it, epoch, run_dir):
     metrics = {}
     for split, dataset in named_sets:
-        for name, value in test_retrieval.test(opt, model, dataset):
+        features = {} if split == 'test' and dataset.get_test_queries() else None
+        for name, value in test_retrieval.test(opt, model, dataset, features=features):
             metrics[f'{split} {name}'] = value
+        if features:
+            log_retrieval_examples(logger, dataset, features, it)
     for name, value in metrics.items():
         log_scalar(logger, name, value, it)
         print('    ', name, round(value, 4))

@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 
+import datasets
+
 RECALL_KS = (1, 5, 10, 50, 100)
 # SPEC 6: 10,000.  TIRG_NUM_SAMPLED_TRAIN_EXAMPLES lowers it for tests on tiny fixtures.
 NUM_SAMPLED_TRAIN_EXAMPLES = int(os.environ.get('TIRG_NUM_SAMPLED_TRAIN_EXAMPLES', 10000))
@@ -41,7 +43,7 @@ def _image_batches(dataset, ids, batch_size, num_workers):
     # training (dropout, triplet sampling) depends on; an evaluation must not change a run.
     loader = torch.utils.data.DataLoader(
         _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers,
-        generator=torch.Generator())
+        generator=torch.Generator(), worker_init_fn=datasets.worker_init_fn)
     return iter(loader)
 
 
@@ -118,6 +120,18 @@ def nearest_neighbours(queries, gallery, exclude=None, k=110):
     return torch.cat(results)
 
 
+def top_k_with_scores(queries, gallery, k, exclude=None):
+    """(scores, indices), each queries x k, of the k best gallery images per query (features
+    already L2-normalised), best first.  `exclude[i]` (query i's source image) is left out of its
+    results altogether, so at most len(gallery) - 1 come back then."""
+    k = min(k, gallery.shape[0] - (1 if exclude is not None else 0))
+    scores = queries @ gallery.t()
+    if exclude is not None:
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        scores[rows, torch.as_tensor(exclude, device=scores.device)] = float('-inf')
+    return scores.topk(max(k, 0), dim=1)
+
+
 def _label_ids(gallery_labels, target_labels, device):
     """Map strings to ints; a target label absent from the gallery can never be matched."""
     index = {label: i for i, label in enumerate(dict.fromkeys(gallery_labels))}
@@ -149,8 +163,11 @@ def recall_metrics(neighbours, gallery_captions, target_captions, dataset_name):
             for k in RECALL_KS for family, _, _ in families]
 
 
-def test(opt, model, testset):
-    """Retrieval test of `model` on `testset`: a list of (metric name, recall)."""
+def test(opt, model, testset, features=None):
+    """Retrieval test of `model` on `testset`: a list of (metric name, recall).
+
+    A dict given as `features` receives the L2-normalised 'query' and 'gallery' features and
+    'exclude' (each query's source image id, or None), for callers that show some results."""
     was_training = model.training
     model.eval()
     batch_size = opt.batch_size
@@ -171,6 +188,8 @@ def test(opt, model, testset):
             exclude = None
         query_features = torch.nn.functional.normalize(query_features, dim=1)
         gallery_features = torch.nn.functional.normalize(gallery_features, dim=1)
+        if features is not None:
+            features.update(query=query_features, gallery=gallery_features, exclude=exclude)
         neighbours = nearest_neighbours(query_features, gallery_features, exclude)
         return recall_metrics(neighbours, gallery_captions, target_captions, opt.dataset)
     finally:

@@ -1,0 +1,155 @@
+"""Pictures of retrieval results: per row, a query image with its text, then its top-k results with
+rank, score and caption; a result whose caption is the query's target caption is framed in green.
+
+retrieve.py writes one row as a PNG; main.py logs a few rows to tensorboard ('retrieval examples')
+at each retrieval test.
+"""
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+TILE = 128  # each image is fitted into a TILE x TILE square
+PAD = 8
+FRAME = 4  # width of the green frame around a correct result
+GAP = 16  # between the query and its results
+TEXT_LINES = 4  # lines of text under each tile
+BACKGROUND = (255, 255, 255)
+TEXT_COLOR = (0, 0, 0)
+CORRECT_COLOR = (0, 160, 0)
+QUERY_COLOR = (40, 40, 160)
+TILE_BORDER = (200, 200, 200)
+
+
+def as_pil(img):
+    """A PIL image (any mode) or an HxWx3 float array in [0, 1] (CSS drawn in 2D) as RGB PIL."""
+    if isinstance(img, PIL.Image.Image):
+        return img.convert('RGB')
+    array = np.asarray(img, dtype=np.float32)
+    return PIL.Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8), 'RGB')
+
+
+def display_image(dataset, idx):
+    """Image `idx` of a dataset as it looks on disk (no transform), as RGB PIL."""
+    return as_pil(dataset.get_img(int(idx), raw_img=True))
+
+
+def _font():
+    try:
+        return PIL.ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return PIL.ImageFont.load_default()
+
+
+def _fit(img, size):
+    """Scaled to fit a size x size square (nearest-neighbour when enlarging, so small CSS images
+    stay sharp), centred on the background."""
+    img = as_pil(img)
+    scale = size / max(img.size)
+    new_size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    resample = PIL.Image.NEAREST if scale >= 1 else PIL.Image.LANCZOS
+    img = img.resize(new_size, resample)
+    tile = PIL.Image.new('RGB', (size, size), BACKGROUND)
+    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return tile
+
+
+def _wrap(draw, font, text, width, max_lines):
+    """Greedy word wrap to `width` pixels (a word too long for a line is cut into pieces), at most
+    max_lines lines, the last one ending in '...' when text was left out."""
+    def fits(line):
+        return draw.textlength(line, font=font) <= width
+
+    lines, line = [], ''
+    for word in str(text).split():
+        while not fits(word):  # cut an over-long word
+            cut = max(1, max(n for n in range(1, len(word) + 1) if n == 1 or fits(word[:n])))
+            if line:
+                lines.append(line)
+                line = ''
+            lines.append(word[:cut])
+            word = word[cut:]
+        candidate = f'{line} {word}' if line else word
+        if fits(candidate):
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line or not lines:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and not fits(last + '...'):
+            last = last[:-1]
+        lines[-1] = last + '...'
+    return lines
+
+
+def draw_rows(rows, tile=TILE):
+    """One picture of retrieval results.
+
+    rows: a list of dicts, one per query: `query_img` (PIL image or float array), `query_text`,
+    optional `query_note` (a line under the text, e.g. the target caption), and `results`, a list
+    of dicts with `img`, `rank`, `score`, `caption` and `correct` (frame it in green).
+    Returns an RGB PIL image.
+    """
+    font = _font()
+    probe = PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))
+    line_height = int(sum(font.getbbox('Ag')[1::2])) + 3
+    text_height = TEXT_LINES * line_height + PAD
+    columns = 1 + max((len(row['results']) for row in rows), default=0)
+    cell = tile + PAD
+    width = PAD + cell + GAP + (columns - 1) * cell
+    row_height = PAD + tile + PAD // 2 + text_height
+    picture = PIL.Image.new('RGB', (width, len(rows) * row_height + PAD // 2), BACKGROUND)
+    draw = PIL.ImageDraw.Draw(picture)
+
+    def put_text(x, y, lines, color=TEXT_COLOR):
+        for i, line in enumerate(lines[:TEXT_LINES]):
+            draw.text((x, y + i * line_height), line, fill=color, font=font)
+
+    for r, row in enumerate(rows):
+        y = r * row_height + PAD
+        picture.paste(_fit(row['query_img'], tile), (PAD, y))
+        draw.rectangle([PAD - 1, y - 1, PAD + tile, y + tile], outline=QUERY_COLOR, width=1)
+        lines = _wrap(probe, font, 'query: ' + str(row['query_text']), tile,
+                      TEXT_LINES - (1 if row.get('query_note') else 0))
+        if row.get('query_note'):
+            lines += _wrap(probe, font, row['query_note'], tile, 1)
+        put_text(PAD, y + tile + PAD // 2, lines, QUERY_COLOR)
+        x0 = PAD + cell + GAP
+        draw.line([x0 - GAP // 2 - PAD // 2, y, x0 - GAP // 2 - PAD // 2, y + tile], fill=(160, 160, 160),
+                  width=2)
+        for c, result in enumerate(row['results']):
+            x = x0 + c * cell
+            picture.paste(_fit(result['img'], tile), (x, y))
+            draw.rectangle([x - 1, y - 1, x + tile, y + tile], outline=TILE_BORDER, width=1)
+            header = f'#{result["rank"]}  {result["score"]:.3f}'
+            color = TEXT_COLOR
+            if result.get('correct'):
+                draw.rectangle([x - FRAME, y - FRAME, x + tile + FRAME - 1, y + tile + FRAME - 1],
+                               outline=CORRECT_COLOR, width=FRAME)
+                header += '  target'
+                color = CORRECT_COLOR
+            lines = [header] + _wrap(probe, font, result['caption'], tile, TEXT_LINES - 1)
+            put_text(x, y + tile + PAD // 2, lines, color)
+    return picture
+
+
+def to_chw(picture):
+    """An RGB PIL picture as a 3xHxW uint8 array (what tensorboard's add_image takes)."""
+    return np.ascontiguousarray(np.asarray(picture.convert('RGB'), dtype=np.uint8).transpose(2, 0, 1))
+
+
+def result_row(dataset, query_img, query_text, scores, indices, target_caption=None,
+               query_note=None):
+    """A row of draw_rows for gallery indices (best first) of `dataset` and their scores."""
+    results = []
+    for rank, (score, idx) in enumerate(zip(scores, indices), 1):
+        caption = dataset.imgs[int(idx)]['captions'][0]
+        results.append({'img': display_image(dataset, idx), 'rank': rank, 'score': float(score),
+                        'caption': caption,
+                        'correct': target_caption is not None and caption == target_caption})
+    return {'query_img': query_img, 'query_text': query_text, 'query_note': query_note,
+            'results': results}

@@ -1,0 +1,377 @@
+"""Retrieve the top-k gallery images for one query with a trained checkpoint.
+
+    python retrieve.py --checkpoint=runs/.../best_checkpoint.pth --dataset_path=DIR \\
+        --query_img=photo.png --query_text="make top-left object red" --topk=10 --out=results.png
+    python retrieve.py --checkpoint=... --dataset_path=DIR --query_index=123      # a test query
+
+The gallery is every image of --split (default test).  Its features are computed once and cached
+on disk, so later queries against the same checkpoint and split take a second or so.
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+
+import torch
+
+import checkpoints
+import datasets
+import img_text_composition_models
+import main
+import retrieval_grid
+import test_retrieval
+import text_model
+
+CACHE_FORMAT = 1
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        description='Top-k retrieval for one query (an image and a modification text) with a '
+                    'TIRG checkpoint; prints rank, score, caption and file of each result.',
+        epilog='examples:\n'
+               '  retrieve.py --checkpoint=runs/RUN/best_checkpoint.pth --dataset_path=DIR \\\n'
+               '      --query_img=scene.png --query_text="make top-left object red" --out=top10.png\n'
+               '  retrieve.py --checkpoint=runs/RUN/best_checkpoint.pth --query_index=123 --topk=5\n'
+               '\nThe first query of a checkpoint and split computes the features of every gallery '
+               'image\nand caches them (--cache_dir); later ones read them back in a moment.',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', type=str, required=True,
+                   help='model checkpoint (ours or the released format)')
+    p.add_argument('--dataset', type=str, default=None, choices=['css3d', 'fashion200k', 'mitstates'],
+                   help="gallery dataset (default: the checkpoint's, else css3d)")
+    p.add_argument('--dataset_path', type=str, default=None,
+                   help="dataset root (default: the checkpoint's --dataset_path, else "
+                        f"{main.DEFAULT_DATASET_PATH})")
+    p.add_argument('--split', type=str, default='test', choices=['train', 'test'],
+                   help='split whose images form the gallery and whose test queries '
+                        '--query_index counts (default: test)')
+    p.add_argument('--model', type=str, default=None,
+                   choices=list(img_text_composition_models.MODELS),
+                   help="composition model (default: the checkpoint's)")
+    p.add_argument('--embed_dim', type=int, default=None, help="embedding size (default: the checkpoint's)")
+    query = p.add_argument_group('query: --query_img with --query_text, or --query_index')
+    query.add_argument('--query_img', type=str, default=None, help='query image file')
+    query.add_argument('--query_text', type=str, default=None, help='modification text')
+    query.add_argument('--query_index', type=int, default=None,
+                       help="the N-th test query of --split (from 0): its source image and text, "
+                            "and its known target; the source image is left out of the results")
+    p.add_argument('--topk', type=int, default=10, help='number of results (default: 10)')
+    p.add_argument('--out', type=str, default=None,
+                   help='write a picture (PNG) of the query and its results here; the correct '
+                        'target, when known, is framed in green')
+    p.add_argument('--cache_dir', type=str, default=None,
+                   help='folder for cached gallery features (default: feature_cache/ next to the '
+                        'checkpoint); a cache is used only while the checkpoint file (path, size, '
+                        'mtime) and the dataset split (path, data files, images) are unchanged')
+    p.add_argument('--no_cache', action='store_true', help='neither read nor write cached features')
+    p.add_argument('--device', type=str, default='auto',
+                   help='auto (the default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps')
+    p.add_argument('--batch_size', type=int, default=32, help='batch size for gallery features (default: 32)')
+    p.add_argument('--loader_num_workers', type=int, default=4,
+                   help='DataLoader workers for gallery features (default: 4)')
+    return p
+
+
+def parse_opt(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    opt = get_args_parser().parse_args(argv)
+    opt.explicit_flags = sorted({a.split('=')[0].lstrip('-') for a in argv if a.startswith('--')})
+    return opt
+
+
+def check_opt(opt):
+    for name in ('batch_size', 'topk'):
+        if getattr(opt, name) < 1:
+            raise main.UserError(f'--{name}={getattr(opt, name)}: expected a positive integer')
+    if opt.embed_dim is not None and opt.embed_dim < 1:
+        raise main.UserError(f'--embed_dim={opt.embed_dim}: expected a positive integer')
+    if opt.loader_num_workers < 0:
+        raise main.UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
+    if opt.query_index is not None:
+        if opt.query_img is not None or opt.query_text is not None:
+            raise main.UserError('give either --query_index or --query_img with --query_text, not both')
+        if opt.query_index < 0:
+            raise main.UserError(f'--query_index={opt.query_index}: expected 0 or more')
+    elif opt.query_img is None or opt.query_text is None:
+        raise main.UserError('no query: give --query_img=PATH and --query_text=TEXT, or --query_index=N')
+    if opt.query_img is not None and not os.path.isfile(opt.query_img):
+        raise main.UserError(f'--query_img={opt.query_img}: no such file')
+    if opt.out is not None:
+        folder = os.path.dirname(os.path.abspath(opt.out))
+        if not os.path.isdir(folder):
+            raise main.UserError(f'--out={opt.out}: no such folder {folder}')
+
+
+def adopt_checkpoint_dataset(opt, ckpt):
+    """--dataset and --dataset_path from the checkpoint's options when not given."""
+    saved = ckpt.get('opt')
+    if opt.dataset is None:
+        opt.dataset = getattr(saved, 'dataset', None) or 'css3d'
+    if opt.dataset_path is None:
+        saved_path = getattr(saved, 'dataset_path', None)
+        if getattr(saved, 'dataset', None) == opt.dataset and saved_path and os.path.isdir(saved_path):
+            opt.dataset_path = saved_path
+        elif opt.dataset == 'css3d':
+            opt.dataset_path = main.DEFAULT_DATASET_PATH
+        else:
+            raise main.UserError(f'--dataset_path: not given, and the checkpoint\'s '
+                                 f'({saved_path}) is not a folder here')
+
+
+def load_model_and_gallery(opt):
+    """The checkpoint's model (eval mode, on opt.device) and the gallery dataset, as main.py
+    loads them.  main.py's progress lines are dropped: stdout is for the results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ckpt = checkpoints.load(opt.checkpoint)
+        adopt_checkpoint_dataset(opt, ckpt)
+        for name in ('model', 'embed_dim'):  # main.py's defaults when neither given nor saved
+            if getattr(opt, name) is None:
+                setattr(opt, name, main.get_args_parser().get_default(name))
+        main.adopt_checkpoint_architecture(opt, ckpt)
+        device = main.select_device(opt.device)
+        opt.fast_decode = False  # exact pixels
+        trainset, testset = main.load_dataset(opt)
+        vocab = main.checkpoint_vocabulary(opt, ckpt, opt.checkpoint, trainset)
+        opt.img_weights = 'none'  # every weight comes from the checkpoint
+        model = main.create_model(opt, trainset.get_all_texts(), vocab)
+        main.load_model_weights(model, ckpt, opt.checkpoint)
+    model = model.to(device).eval()
+    return model, (testset if opt.split == 'test' else trainset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery features, cached on disk.
+
+def _stat(path):
+    try:
+        st = os.stat(path)
+        return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [os.path.abspath(path), None, None]
+
+
+def _data_files(dataset):
+    """The files and folders whose change means the split's images may have changed."""
+    root = dataset.path
+    if isinstance(dataset, datasets.CSSDataset):
+        return [os.path.join(root, datasets.CSS_DATA_FILE)] + ([dataset.img_path] if dataset.img_path else [])
+    if isinstance(dataset, datasets.Fashion200k):
+        labels = os.path.join(root, 'labels')
+        return [os.path.join(labels, f) for f in sorted(os.listdir(labels)) if dataset.split in f]
+    if isinstance(dataset, datasets.MITStates):
+        return [os.path.join(root, 'images')]
+    return [root]
+
+
+def cache_key(opt, dataset):
+    images = hashlib.sha1()
+    for i, img in enumerate(dataset.imgs):
+        images.update(f'{img.get("file_path", i)}\t{img["captions"][0]}\n'.encode('utf-8', 'replace'))
+    return {
+        'format': CACHE_FORMAT,
+        'checkpoint': _stat(opt.checkpoint),
+        'model': opt.model, 'embed_dim': opt.embed_dim,
+        'dataset': opt.dataset, 'dataset_path': os.path.abspath(opt.dataset_path),
+        'split': dataset.split,
+        'data_files': [_stat(f) for f in _data_files(dataset)],
+        'css_drawn_2d': getattr(dataset, 'img_path', '') is None,
+        'num_images': len(dataset.imgs),
+        'images': images.hexdigest(),
+    }
+
+
+def cache_path(opt):
+    folder = opt.cache_dir or os.path.join(os.path.dirname(os.path.abspath(opt.checkpoint)),
+                                           'feature_cache')
+    # One file per (checkpoint file, dataset split): a newer checkpoint or changed data overwrite it.
+    name = hashlib.sha1(json.dumps([os.path.abspath(opt.checkpoint), opt.dataset,
+                                    os.path.abspath(opt.dataset_path)]).encode()).hexdigest()[:16]
+    return os.path.join(folder, f'gallery_{opt.dataset}_{opt.split}_{name}.pt')
+
+
+def read_cache(path, key):
+    if not os.path.isfile(path):
+        return None
+    try:
+        cached = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a truncated or foreign file: recompute
+        print(f'warning: {path}: unreadable feature cache ({type(e).__name__}); recomputing',
+              file=sys.stderr)
+        return None
+    if not isinstance(cached, dict) or cached.get('key') != key:
+        return None
+    return cached['features']
+
+
+def write_cache(path, key, features):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        checkpoints.save_atomic({'key': key, 'features': features.cpu()}, path)
+    except OSError as e:
+        print(f'warning: cannot write the feature cache {path} ({e.strerror or e}); '
+              f'--cache_dir=DIR puts it elsewhere', file=sys.stderr)
+        return False
+    return True
+
+
+def gallery_features(opt, model, dataset):
+    """L2-normalised features of every image of `dataset`, from the cache when it is current."""
+    device = test_retrieval.model_device(model)
+    key = path = None
+    if not opt.no_cache:
+        key, path = cache_key(opt, dataset), cache_path(opt)
+        features = read_cache(path, key)
+        if features is not None and features.shape[0] == len(dataset.imgs):
+            print(f'Gallery features: {path} (cached)', file=sys.stderr)
+            return features.to(device)
+    tic = time.time()
+    print(f'Computing gallery features of the {len(dataset.imgs)} {dataset.split} images',
+          file=sys.stderr)
+    features = test_retrieval.compute_gallery_features(model, dataset, opt.batch_size,
+                                                       opt.loader_num_workers)
+    features = torch.nn.functional.normalize(features, dim=1)
+    if path is not None and write_cache(path, key, features):
+        print(f'Gallery features: {path} (written, {time.time() - tic:.1f}s)', file=sys.stderr)
+    return features
+
+
+# ---------------------------------------------------------------------------------------------
+# The query.
+
+def image_name(dataset, idx):
+    """What the results call an image: its file, or css_<split>_<index> for drawn CSS images."""
+    idx = int(idx)
+    if isinstance(dataset, datasets.CSSDataset):
+        if dataset.img_path is None:
+            return 'css_%s_%06d' % (dataset.split, idx)
+        return dataset._png_path(dataset.img_path, idx)
+    if hasattr(dataset, 'image_file'):
+        return dataset.image_file(idx)
+    return dataset.imgs[idx].get('file_path', str(idx))
+
+
+def image_files(dataset):
+    """{absolute file: index} of the gallery's image files (none for drawn CSS images)."""
+    if isinstance(dataset, datasets.CSSDataset) and dataset.img_path is None:
+        return {}
+    return {os.path.realpath(image_name(dataset, i)): i for i in range(len(dataset.imgs))}
+
+
+def query_from_index(dataset, n):
+    queries = dataset.get_test_queries()
+    if not queries:
+        raise main.UserError(f'--query_index: the {dataset.split} split has no test queries')
+    if n >= len(queries):
+        raise main.UserError(f'--query_index={n}: out of range (the {dataset.split} split has '
+                             f'{len(queries)} test queries, 0 to {len(queries) - 1})')
+    q = queries[n]
+    source = int(q['source_img_id'])
+    return {'text': q['mod']['str'], 'source_id': source,
+            'display': retrieval_grid.display_image(dataset, source),
+            'target_caption': q['target_caption'], 'target_id': q.get('target_img_id'),
+            'name': f'test query {n} of the {dataset.split} split: image {image_name(dataset, source)}'}
+
+
+def query_from_file(opt, dataset):
+    img = datasets.open_photo(opt.query_img)  # ImageReadError (a DatasetError) when unreadable
+    source = image_files(dataset).get(os.path.realpath(opt.query_img))
+    if source is not None:
+        print(f'The query image is gallery image {source}: left out of the results, as in the '
+              f'retrieval protocol', file=sys.stderr)
+    return {'text': opt.query_text, 'source_id': source, 'display': img,
+            'tensor': dataset.transform(img) if dataset.transform else img,
+            'target_caption': None, 'target_id': None, 'name': f'image {opt.query_img}'}
+
+
+@torch.inference_mode()
+def query_feature(model, dataset, query):
+    if 'tensor' in query:
+        imgs = torch.as_tensor(query['tensor']).float().unsqueeze(0).to(test_retrieval.model_device(model))
+        feature = model.compose_img_text(imgs, [query['text']]).float()
+    else:  # a test query: exactly the retrieval test's code path
+        q = {'source_img_id': query['source_id'], 'mod': {'str': query['text']}}
+        feature = test_retrieval.compute_query_features(model, dataset, [q], 1)
+    return torch.nn.functional.normalize(feature, dim=1)
+
+
+def warn_unknown_words(model, text):
+    vocab = model.text_model.vocab
+    unknown = [w for w in text_model.tokenize_text(text) if w not in vocab.word2id]
+    if unknown:
+        print(f'warning: not in the model\'s vocabulary (read as <UNK>): {" ".join(unknown)}',
+              file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def retrieve(opt):
+    """Load, rank and print; returns (query, results): results are dicts with rank, index, score,
+    caption, file and correct."""
+    check_opt(opt)
+    model, dataset = load_model_and_gallery(opt)
+    if opt.query_index is not None:
+        query = query_from_index(dataset, opt.query_index)
+    else:
+        query = query_from_file(opt, dataset)
+    warn_unknown_words(model, query['text'])
+    gallery = gallery_features(opt, model, dataset)
+    feature = query_feature(model, dataset, query).to(gallery.device)
+    exclude = None if query['source_id'] is None else [query['source_id']]
+    scores, indices = test_retrieval.top_k_with_scores(feature, gallery, opt.topk, exclude)
+    scores, indices = scores[0].tolist(), indices[0].tolist()
+    results = []
+    for rank, (score, idx) in enumerate(zip(scores, indices), 1):
+        caption = dataset.imgs[idx]['captions'][0]
+        results.append({'rank': rank, 'index': idx, 'score': score, 'caption': caption,
+                        'file': image_name(dataset, idx),
+                        'correct': query['target_caption'] is not None and caption == query['target_caption']})
+    print_results(query, results, dataset)
+    if opt.out:
+        row = retrieval_grid.result_row(dataset, query['display'], query['text'], scores, indices,
+                                        query['target_caption'], target_note(query))
+        picture = retrieval_grid.draw_rows([row])
+        try:
+            picture.save(opt.out, format='PNG')
+        except (OSError, ValueError) as e:
+            raise main.UserError(f'--out={opt.out}: cannot write ({e})') from None
+        print(f'Wrote {opt.out}', file=sys.stderr)
+    return query, results
+
+
+def target_note(query):
+    return None if query['target_caption'] is None else f'target: {query["target_caption"]}'
+
+
+def print_results(query, results, dataset):
+    print(f'Query: {query["name"]}, text "{query["text"]}"')
+    if query['target_caption'] is not None:
+        target = ('' if query.get('target_id') is None
+                  else f' (image {image_name(dataset, query["target_id"])})')
+        print(f'Target caption: {query["target_caption"]}{target}')
+    width = max([len('caption')] + [len(r['caption']) for r in results])
+    print(f'{"rank":>4}  {"score":>7}  {"caption":<{width}}  file')
+    for r in results:
+        mark = '  <- target' if r['correct'] else ''
+        print(f'{r["rank"]:>4}  {r["score"]:>7.4f}  {r["caption"]:<{width}}  {r["file"]}{mark}')
+
+
+def main_cli(argv=None):
+    opt = parse_opt(argv)
+    try:
+        retrieve(opt)
+        return 0
+    except (main.UserError, datasets.DatasetError, checkpoints.CheckpointError) as e:
+        print(f'retrieve.py: error: {e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('\nAborted.', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main_cli())
