@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import datasets
 
@@ -38,13 +39,14 @@ class _ImageList(torch.utils.data.Dataset):
         return torch.as_tensor(self.dataset.get_img(self.ids[i])).float()
 
 
-def _image_batches(dataset, ids, batch_size, num_workers):
+def _image_batches(dataset, ids, batch_size, num_workers, desc='Images'):
     # Its own generator: creating a loader must not draw from the global torch stream, which
     # training (dropout, triplet sampling) depends on; an evaluation must not change a run.
     loader = torch.utils.data.DataLoader(
         _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers,
         generator=torch.Generator(), worker_init_fn=datasets.worker_init_fn)
-    return iter(loader)
+    # disable=None: a progress bar on a terminal only, none in logs and tests.
+    return iter(tqdm(loader, desc=desc, leave=False, disable=None, mininterval=2.0))
 
 
 @torch.inference_mode()
@@ -54,7 +56,7 @@ def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
     texts = [q['mod']['str'] for q in queries]
     features = []
     for start, imgs in zip(range(0, len(queries), batch_size),
-                           _image_batches(dataset, source_ids, batch_size, num_workers)):
+                           _image_batches(dataset, source_ids, batch_size, num_workers, 'Query features')):
         imgs = imgs.to(device, non_blocking=True)
         features.append(model.compose_img_text(imgs, texts[start:start + batch_size]).float())
     return torch.cat(features)
@@ -65,7 +67,7 @@ def compute_gallery_features(model, dataset, batch_size, num_workers=0, ids=None
     device = model_device(model)
     ids = range(len(dataset.imgs)) if ids is None else ids
     features = [model.extract_img_feature(imgs.to(device, non_blocking=True)).float()
-                for imgs in _image_batches(dataset, list(ids), batch_size, num_workers)]
+                for imgs in _image_batches(dataset, list(ids), batch_size, num_workers, 'Gallery features')]
     return torch.cat(features)
 
 
