@@ -75,10 +75,15 @@ def get_args_parser():
     return p
 
 
+def explicit_flags(argv):
+    """Names of the flags given on the command line (so a checkpoint's options can fill in the rest)."""
+    return sorted({a.split('=')[0].lstrip('-') for a in argv if a.startswith('--')})
+
+
 def parse_opt(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opt = get_args_parser().parse_args(argv)
-    opt.explicit_flags = sorted({a.split('=')[0].lstrip('-') for a in argv if a.startswith('--')})
+    opt.explicit_flags = explicit_flags(argv)
     return opt
 
 

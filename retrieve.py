@@ -80,7 +80,7 @@ def get_args_parser():
 def parse_opt(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opt = get_args_parser().parse_args(argv)
-    opt.explicit_flags = sorted({a.split('=')[0].lstrip('-') for a in argv if a.startswith('--')})
+    opt.explicit_flags = main.explicit_flags(argv)
     return opt
 
 
