@@ -48,13 +48,18 @@ class _SoftTripletLossFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         features, triplets, margin = ctx.saved_tensors
         anchor, positive, negative = triplets.unbind(1)
-        weight = (torch.sigmoid(margin) / len(triplets)).unsqueeze(1)
-        pull = weight * (features[anchor] - features[positive])
-        push = weight * (features[anchor] - features[negative])
-        grad = torch.zeros_like(features)
-        grad.index_add_(0, anchor, pull - push)
-        grad.index_add_(0, positive, -pull)
-        grad.index_add_(0, negative, push)
+        # Each triplet adds f * (x_a - x_p) to a, f * (x_p - x_a) to p, -f * (x_a - x_n) to a and
+        # -f * (x_n - x_a) to n: symmetric edges (a, p) of weight f and (a, n) of weight -f.
+        # Summed, the gradient is (D - W) @ features, W the n x n edge weights and D their row
+        # sums: a scatter into n x n and one matrix product, instead of gathering and scattering
+        # three feature rows per triplet.
+        n = features.shape[0]
+        weight = (torch.sigmoid(margin) / len(triplets)).to(features.dtype)
+        edges = torch.zeros((n, n), dtype=features.dtype, device=features.device)
+        edges.index_put_((anchor, positive), weight, accumulate=True)
+        edges.index_put_((anchor, negative), -weight, accumulate=True)
+        edges = edges + edges.t()
+        grad = edges.sum(1, keepdim=True) * features - edges @ features
         return grad * grad_output, None
 
 
@@ -75,6 +80,24 @@ class TripletLoss(torch.nn.Module):
         return _SoftTripletLossFunction.apply(x, triplets)
 
 
+# (batch_size, count, device) -> (same-label mask, [anchor, positive] rows of every triplet):
+# they depend on the batch size only, and building them each step costs more than the sampling.
+_TRIPLET_INDEX_CACHE = {}
+
+
+def _triplet_index(batch_size, count, device):
+    key = (batch_size, count, str(device))
+    cached = _TRIPLET_INDEX_CACHE.get(key)
+    if cached is None:
+        rows = 2 * batch_size
+        anchor = torch.arange(rows, device=device)
+        same_label = (anchor.view(-1, 1) % batch_size) == (anchor.view(1, -1) % batch_size)
+        anchor_positive = torch.stack([anchor, (anchor + batch_size) % rows], dim=1)
+        cached = (same_label, anchor_positive.repeat_interleave(count, dim=0))
+        _TRIPLET_INDEX_CACHE[key] = cached
+    return cached
+
+
 def sample_triplets(batch_size, num_negatives=3, generator=None, device='cpu'):
     """Triplets for features stacked as [query; target] (2B rows, row i and i+B share a label).
 
@@ -82,13 +105,10 @@ def sample_triplets(batch_size, num_negatives=3, generator=None, device='cpu'):
     without repeats from the 2B - 2 rows of other labels, as the reference did with a shuffle.
     """
     rows = 2 * batch_size
-    anchor = torch.arange(rows, device=device)
-    positive = (anchor + batch_size) % rows
+    count = min(num_negatives, rows - 2)
+    same_label, anchor_positive = _triplet_index(batch_size, count, device)
     # Rank random keys; rows sharing the anchor's label get +inf so they are never chosen.
     keys = torch.rand((rows, rows), generator=generator, device=device)
-    same_label = (anchor.view(-1, 1) % batch_size) == (anchor.view(1, -1) % batch_size)
     keys.masked_fill_(same_label, float('inf'))
-    count = min(num_negatives, rows - 2)
     negative = keys.topk(count, dim=1, largest=False).indices
-    return torch.stack([anchor.repeat_interleave(count), positive.repeat_interleave(count),
-                        negative.reshape(-1)], dim=1)
+    return torch.cat([anchor_positive, negative.reshape(-1, 1)], dim=1)

@@ -1,0 +1,82 @@
+"""bench.py: the quick run end to end, and the exact-arithmetic retrieval features it relies on."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+import bench
+
+
+def test_quick_run_prints_every_section_with_ratios(tmp_path):
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--quick',
+                             '--json', str(out)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(r'device cpu \(.*\), torch \S+, numpy \S+, 1 threads', lines[0]), lines[0]
+
+    def line(prefix, ratio_word):
+        found = [x for x in lines if x.startswith(prefix)]
+        assert found, f'no line starting with {prefix!r} in:\n{result.stdout}'
+        for x in found:
+            assert re.search(ratio_word + r' \d+(\.\d+)?x', x), x
+        return found
+
+    line('retrieval 200x2000x64: ours ', 'speed-up')
+    line('retrieval estimate Fashion200k 33480x29789', 'speed-up')
+    assert 'recalls identical: yes' in lines
+    line('loss batch 32 ', 'speed-up')
+    line('loss batch 128 ', 'speed-up')
+    line('train iteration batch 4 ', 'overhead')
+    assert len(line('data ', 'speed-up|s at the best rate|on vs off')) >= 4
+
+    results = json.loads(out.read_text())
+    assert results['retrieval']['recalls_identical'] is True
+    assert 0 < results['retrieval']['recalls']['recall_top1_correct_composition'] < 1
+    assert set(results['loss']) >= {'32', '128'}
+    assert results['train']['overhead'] > 0
+    assert results['data']['fast_decode_on']['workers_0_img_per_s'] > 0
+
+
+def test_only_selects_sections(capsys):
+    results = bench.run(bench.parse_args(['--quick', '--only', 'loss', '--loss_batches', '4']))
+    body = capsys.readouterr().out.splitlines()[1:]
+    assert len(body) == 1 and body[0].startswith('loss batch 4 '), body
+    assert set(results) == {'header', 'args', 'loss'}
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--only', 'gpu'])
+    assert 'unknown section' in capsys.readouterr().err
+
+
+def test_four_squares():
+    for n in list(range(300)) + [2 ** 24, 3 * 4 ** 8, 2 ** 24 - 1, 7 * 4 ** 5, 12345677]:
+        assert sum(v * v for v in bench.four_squares(n)) == n
+
+
+def test_retrieval_features_give_exact_scores_and_no_ties_across_captions():
+    gallery, query, captions, queries = bench.make_retrieval_problem(40, 600, 32, seed=3)
+    for features in (gallery, query):
+        assert torch.equal(features, features.round())
+        assert ((features.double() ** 2).sum(1) == bench.NORM2).all()
+    g = torch.nn.functional.normalize(gallery, dim=1)
+    q = torch.nn.functional.normalize(query, dim=1)
+    scores = q @ g.t()
+    exact = query.double() @ gallery.double().t() / bench.NORM2
+    assert torch.equal(scores.double(), exact)  # float32 scores are exact
+    per_query = np.stack([q[i:i + 1].numpy().dot(g.numpy().T)[0] for i in range(len(q))])
+    assert np.array_equal(per_query, scores.numpy())
+    caption_ids = torch.tensor([int(c.split()[1]) for c in captions])
+    for row in scores:
+        values, order = row.sort()
+        tied = values[1:] == values[:-1]
+        assert torch.equal(caption_ids[order[1:]][tied], caption_ids[order[:-1]][tied])
+    assert len({x['target_caption'] for x in queries}) > 1
