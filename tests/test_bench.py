@@ -38,6 +38,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     line('loss batch 128 ', 'speed-up')
     line('train iteration batch 4 ', 'overhead')
     assert len(line('data ', 'speed-up|s at the best rate|on vs off')) >= 4
+    assert any(re.match(r'pixels fast_decode vs exact: mean \|difference\| = \d+\.\d+', x) for x in lines)
 
     results = json.loads(out.read_text())
     assert results['retrieval']['recalls_identical'] is True
