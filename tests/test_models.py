@@ -13,9 +13,10 @@ import text_model
 import torch_functions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The project's shared reference beside the checkout when present, else the copy kept in tests/data.
 LAYOUT_CANDIDATES = [
-    os.path.join(REPO, 'shared', 'reference', 'state_dict_layout.json'),
     os.path.join(os.path.dirname(REPO), 'shared', 'reference', 'state_dict_layout.json'),
+    os.path.join(REPO, 'tests', 'data', 'state_dict_layout.json'),
 ]
 MODEL_NAMES = ['imgonly', 'textonly', 'concat', 'tirg', 'tirg_lastconv']
 SMALL_DIM = 32
@@ -23,15 +24,12 @@ TEXTS = ['make top-left red cube blue', 'add small gray sphere', 'remove it']
 
 
 def _load_layout():
-    for path in LAYOUT_CANDIDATES:
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
-    return None
+    path = next(p for p in LAYOUT_CANDIDATES if os.path.isfile(p))
+    with open(path) as f:
+        return json.load(f)
 
 
 LAYOUT = _load_layout()
-needs_layout = pytest.mark.skipif(LAYOUT is None, reason='shared/reference/state_dict_layout.json not found')
 
 
 def build(name, texts=TEXTS, embed_dim=SMALL_DIM, seed=0):
@@ -52,7 +50,6 @@ def test_model_registry_has_the_five_reference_models():
 # Checkpoint layout (embed_dim 512, the JSON's texts)
 # --------------------------------------------------------------------------------------------
 
-@needs_layout
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_state_dict_layout_matches_reference_and_round_trips(name):
     ref = LAYOUT['models'][name]
@@ -213,7 +210,6 @@ def test_vocab_is_unk_then_sorted_tokens_and_unknown_words_map_to_0():
     assert len(vocab) == vocab.get_size() == 5
 
 
-@needs_layout
 def test_vocab_from_reference_texts_and_words_round_trip():
     vocab = text_model.SimpleVocab.from_texts(LAYOUT['texts'])
     assert vocab.word2id == LAYOUT['models']['tirg']['vocab']
