@@ -63,24 +63,30 @@ def css_root(tmp_path):
     return root
 
 
-def read_scalars(run_dir):
-    """{tag: [(step, value)]} from the tensorboard event files of a run folder."""
+def read_events(run_dir):
+    """Every tensorboard event in the event files of a run folder, in file order."""
     import glob
     import struct
     from tensorboardX.proto import event_pb2
-    scalars = {}
     for path in sorted(glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))):
         with open(path, 'rb') as f:
             data = f.read()
         pos = 0
-        while pos + 12 <= len(data):
+        while pos + 12 <= len(data):  # records: length (8), crc (4), data, crc (4)
             (length,) = struct.unpack('<Q', data[pos:pos + 8])
             event = event_pb2.Event()
             event.ParseFromString(data[pos + 12:pos + 12 + length])
             pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField('simple_value'):
-                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+            yield event
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value)]} from the tensorboard event files of a run folder."""
+    scalars = {}
+    for event in read_events(run_dir):
+        for value in event.summary.value:
+            if value.HasField('simple_value'):
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
 
 

@@ -7,7 +7,6 @@ import os
 import random
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import REPO, TINY, write_css_fixture
+from conftest import REPO, TINY, read_events, write_css_fixture
 
 import datasets
 import img_text_composition_models
@@ -48,23 +47,14 @@ def ranked_lines(stdout):
 
 def read_images(run_dir):
     """{tag: [(step, PIL image)]} from the tensorboard event files of a run folder."""
-    from tensorboardX.proto import event_pb2
     images = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))):
-        with open(path, 'rb') as f:
-            data = f.read()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack('<Q', data[pos:pos + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField('image'):
-                    img = PIL.Image.open(io.BytesIO(value.image.encoded_image_string))
-                    img.load()
-                    assert (img.width, img.height) == (value.image.width, value.image.height)
-                    images.setdefault(value.tag, []).append((event.step, img))
+    for event in read_events(run_dir):
+        for value in event.summary.value:
+            if value.HasField('image'):
+                img = PIL.Image.open(io.BytesIO(value.image.encoded_image_string))
+                img.load()
+                assert (img.width, img.height) == (value.image.width, value.image.height)
+                images.setdefault(value.tag, []).append((event.step, img))
     return images
 
 
