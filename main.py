@@ -613,6 +613,9 @@ def main(argv=None):
     except (UserError, datasets.DatasetError, checkpoints.CheckpointError, TrainingStopped) as e:
         print(f'main.py: error: {e}', file=sys.stderr)
         return 1
+    except OSError as e:  # a folder that cannot be written, a full disk: not a bug to trace
+        print(f'main.py: error: {e}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print('\nAborted.', file=sys.stderr)
         return 130

@@ -237,6 +237,33 @@ def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path
     assert checkpoints.load(ckpt_path)['it'] > 0
 
 
+def test_sigint_during_a_retrieval_test_saves_at_once_and_resume_redoes_it(css_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real_test = main.test_retrieval.test
+    calls = []
+
+    def interrupted_test(opt, model, dataset, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the epoch-1 test (it 9): Ctrl-C in the middle of it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt before this ends
+        return real_test(opt, model, dataset, **kwargs)
+    monkeypatch.setattr(main.test_retrieval, 'test', interrupted_test)
+    started = time.time()
+    assert main.main(TINY + [f'--dataset_path={css_root}', '--num_iters=20', '--seed=1',
+                             '--comment=_evalint']) == 130
+    assert time.time() - started < 60
+    (run_dir,) = run_folders(tmp_path, '_evalint')
+    path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    ckpt = checkpoints.load(path)
+    assert ckpt['it'] == 9 and ckpt['epoch'] == 0 and ckpt['batches_done'] == 9
+    assert '--resume=' in capsys.readouterr().err
+    monkeypatch.setattr(main.test_retrieval, 'test', real_test)
+    assert main.main([f'--resume={path}']) == 0
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    assert [l['it'] for l in lines] == [9, 20]  # the interrupted test is redone, then the final one
+
+
 def test_nan_loss_stops_with_a_clear_message():
     class NanModel(torch.nn.Module):
         def __init__(self):
