@@ -95,6 +95,9 @@ def check_opt(opt):
         raise UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
     if opt.loss == 'soft_triplet' and opt.batch_size < 2:
         raise UserError('--batch_size=1: the soft triplet loss needs at least 2 examples a batch')
+    if opt.img_weights not in ('imagenet', 'none') and not os.path.isfile(opt.img_weights):
+        raise UserError(f"--img_weights={opt.img_weights}: no such file (expected 'imagenet', "
+                        f"'none' or a path to a ResNet-18 state dict)")
     for name in ('checkpoint', 'resume'):
         path = getattr(opt, name)
         if path is not None and not os.path.isfile(path):
@@ -156,8 +159,6 @@ def load_dataset(opt):
 
 def create_model(opt, texts, vocab=None):
     weights = {'imagenet': True, 'none': False}.get(opt.img_weights, opt.img_weights)
-    if weights not in (True, False) and not os.path.isfile(weights):
-        raise UserError(f"--img_weights={weights}: no such file (expected 'imagenet', 'none' or a path)")
     print('Creating model', opt.model)
     try:
         model = img_text_composition_models.MODELS[opt.model](
