@@ -13,10 +13,10 @@ import text_model
 import torch_functions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The project's shared reference beside the checkout when present, else the copy kept in tests/data.
+# The project's shared reference beside the checkout when present, else the copy kept in tests/reference.
 LAYOUT_CANDIDATES = [
     os.path.join(os.path.dirname(REPO), 'shared', 'reference', 'state_dict_layout.json'),
-    os.path.join(REPO, 'tests', 'data', 'state_dict_layout.json'),
+    os.path.join(REPO, 'tests', 'reference', 'state_dict_layout.json'),
 ]
 MODEL_NAMES = ['imgonly', 'textonly', 'concat', 'tirg', 'tirg_lastconv']
 SMALL_DIM = 32
