@@ -5,12 +5,12 @@ import torch.nn.functional as F
 
 def pairwise_distances(x, y=None):
     """Squared Euclidean distances between rows, clamped at 0 (the reference formula)."""
-    x_norm = (x ** 2).sum(1).view(-1, 1)
+    x_norm = (x * x).sum(1).view(-1, 1)
     if y is None:
         y, y_norm = x, x_norm.view(1, -1)
     else:
-        y_norm = (y ** 2).sum(1).view(1, -1)
-    return torch.clamp(x_norm + y_norm - 2.0 * x @ y.t(), min=0.0)
+        y_norm = (y * y).sum(1).view(1, -1)
+    return torch.addmm(x_norm + y_norm, x, y.t(), alpha=-2.0).clamp_(min=0.0)
 
 
 class NormalizationLayer(torch.nn.Module):
@@ -54,13 +54,13 @@ class _SoftTripletLossFunction(torch.autograd.Function):
         # sums: a scatter into n x n and one matrix product, instead of gathering and scattering
         # three feature rows per triplet.
         n = features.shape[0]
-        weight = (torch.sigmoid(margin) / len(triplets)).to(features.dtype)
+        weight = torch.sigmoid(margin).to(features.dtype) * (grad_output / len(triplets))
         edges = torch.zeros((n, n), dtype=features.dtype, device=features.device)
         edges.index_put_((anchor, positive), weight, accumulate=True)
         edges.index_put_((anchor, negative), -weight, accumulate=True)
         edges = edges + edges.t()
-        grad = edges.sum(1, keepdim=True) * features - edges @ features
-        return grad * grad_output, None
+        grad = torch.addmm(edges.sum(1, keepdim=True) * features, edges, features, alpha=-1.0)
+        return grad, None
 
 
 class TripletLoss(torch.nn.Module):
