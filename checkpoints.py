@@ -44,7 +44,25 @@ def load(path):
         raise CheckpointError(f'{path}: not a readable checkpoint ({first_line})') from None
     if not isinstance(ckpt, dict) or 'model_state_dict' not in ckpt:
         raise CheckpointError(f'{path}: not a TIRG checkpoint (no model_state_dict)')
+    state = ckpt['model_state_dict']
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f'{path}: model_state_dict is not a dict of named tensors')
+    if not isinstance(ckpt.get('it', 0), int):
+        raise CheckpointError(f'{path}: "it" is not an iteration number')
     return ckpt
+
+
+def check_resumable(ckpt, path):
+    """What --resume reads beyond the weights, checked before anything is written."""
+    for key, kind in (('epoch', int), ('batches_done', int), ('optimizer_state_dict', dict),
+                      ('rng', dict)):
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f'{path}: cannot resume from it: "{key}" is missing or not a '
+                                  f'{kind.__name__}')
+    missing = [k for k in ('python', 'numpy', 'torch') if k not in ckpt['rng']]
+    if missing:
+        raise CheckpointError(f'{path}: cannot resume from it: no {missing[0]} random state')
 
 
 def rng_states():

@@ -407,6 +407,30 @@ def _read_text_lines(file_path):
         raise DatasetError(f'{file_path}: cannot read ({e.strerror or e})') from None
 
 
+def order_label_files(label_path, split, label_order=None):
+    """The split's label files (names containing the split word), sorted or in `label_order`: a
+    list of names, those of other splits ignored.  The order numbers the images, and so the words
+    of a first-seen vocabulary (--f200k_label_order: the 2019 code read the file-system order)."""
+    label_files = sorted(f for f in os.listdir(label_path)
+                         if split in f and f.endswith('.txt')
+                         and os.path.isfile(os.path.join(label_path, f)))
+    if not label_files:
+        raise DatasetError(f'{label_path}: no label file for the {split} split (*{split}*.txt)')
+    if label_order is None:
+        return label_files
+    unknown = [f for f in label_order if f not in os.listdir(label_path)]
+    if unknown:
+        raise DatasetError(f'--f200k_label_order: {os.path.join(label_path, unknown[0])}: no such '
+                           f'label file (expected comma-separated names of labels/*.txt)')
+    ordered = [f for f in label_order if f in label_files]
+    missing = [f for f in label_files if f not in ordered]
+    if missing or len(set(ordered)) != len(ordered):
+        raise DatasetError(f'--f200k_label_order: expected each {split} label file once, in the '
+                           f'order to read them; {"missing " + missing[0] if missing else "a name repeats"} '
+                           f'(the {split} files: {",".join(label_files)})')
+    return ordered
+
+
 class Fashion200k(PhotoDataset):
     """Fashion200k (SPEC 2.2).
 
@@ -416,18 +440,14 @@ class Fashion200k(PhotoDataset):
     to exist when the dataset is built.
     """
 
-    def __init__(self, path, split='train', transform=None, fast_decode=False):
+    def __init__(self, path, split='train', transform=None, fast_decode=False, label_order=None):
         super().__init__(path, split, transform, fast_decode)
         self.img_path = path
         label_path = os.path.join(path, 'labels')
         if not os.path.isdir(label_path):
             raise DatasetError(f'{label_path}: Fashion200k labels folder not found (is '
                                f'--dataset_path={path} a Fashion200k dataset?)')
-        label_files = sorted(f for f in os.listdir(label_path)
-                             if split in f and f.endswith('.txt')
-                             and os.path.isfile(os.path.join(label_path, f)))
-        if not label_files:
-            raise DatasetError(f'{label_path}: no label file for the {split} split (*{split}*.txt)')
+        label_files = order_label_files(label_path, split, label_order)
         sources = []
         for filename in label_files:
             label_file = os.path.join(label_path, filename)

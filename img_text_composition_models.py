@@ -78,6 +78,10 @@ class ImgTextCompositionBase(torch.nn.Module):
     def compose_img_text(self, imgs, texts):
         raise NotImplementedError
 
+    def forward(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True):
+        """The training loss, so that DistributedDataParallel, which wraps forward, can train it."""
+        return self.compute_loss(imgs_query, modification_texts, imgs_target, soft_triplet_loss)
+
     def compute_loss(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True):
         query = self.compose_img_text(imgs_query, modification_texts)
         target = self.extract_img_feature(imgs_target)

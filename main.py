@@ -1,17 +1,20 @@
-"""Train and test TIRG and its baselines (SPEC sections 1, 5 and 7).
+"""Train and test TIRG and its baselines (SPEC sections 1, 5, 7 and 9).
 
     python main.py                                   # TIRG on the synthetic CSS data (generated)
     python main.py --dataset=css3d --dataset_path=DIR --num_iters=160000 --model=tirg
     python main.py --test_only --checkpoint=runs/.../latest_checkpoint.pth --dataset_path=DIR
-    python main.py --resume=runs/.../latest_checkpoint.pth
+    python main.py <the run's flags> --resume=runs/.../latest_checkpoint.pth
+    torchrun --nproc_per_node=8 main.py <the same flags>      # one process per GPU, same experiment
 """
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import random
 import shlex
 import signal
+import socket
 import sys
 import time
 
@@ -21,25 +24,32 @@ from tqdm import tqdm
 
 import checkpoints
 import datasets
+import distributed
 import img_text_composition_models
 import test_retrieval
 import text_model
+from experiment import (DEFAULT_DATASET_PATH, UserError, adopt_checkpoint_architecture,  # noqa: F401
+                        build_vocabulary, create_model, ensure_default_dataset, load_dataset, load_model_weights,
+                        seed_everything, select_device)
 
-DEFAULT_DATASET_PATH = os.path.join('.', 'data', 'css_synth')
-TRACKED_METRIC = 'test recall_top1_correct_composition'
-
-
-class UserError(Exception):
-    """A mistake in the command line or the data: reported as one line, no traceback."""
+# What the best checkpoint tracks, per dataset (SPEC 2.4, 2.5; recall@1 for the reference's three).
+TRACKED_METRICS = {'fashioniq': 'test recall_mean', 'cirr': 'test recall_avg'}
+DEFAULT_TRACKED_METRIC = 'test recall_top1_correct_composition'
+# EpochBatchSampler seeds each epoch with seed * SEED_STRIDE + epoch, which must fit in 64 bits.
+SEED_STRIDE = 1000003
+MAX_SEED = 2 ** 32 - 1
 
 
 def get_args_parser():
+    # allow_abbrev=False: an abbreviation (--num_it) would otherwise be accepted for one flag and
+    # then compared under its short name on resume.
     p = argparse.ArgumentParser(description='Train and test TIRG (CVPR 2019) and its baselines.',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument('-f', type=str, default='', help='ignored (lets the script run in a notebook)')
     p.add_argument('--comment', type=str, default='test_notebook', help='suffix of the run folder name')
-    p.add_argument('--dataset', type=str, default='css3d', choices=['css3d', 'fashion200k', 'mitstates'],
-                   help='dataset')
+    p.add_argument('--dataset', type=str, default='css3d',
+                   choices=['css3d', 'fashion200k', 'mitstates', 'fashioniq', 'cirr'], help='dataset')
     p.add_argument('--dataset_path', type=str, default=DEFAULT_DATASET_PATH,
                    help='dataset root; the default folder is filled with synthetic CSS data when empty')
     p.add_argument('--model', type=str, default='tirg', choices=list(img_text_composition_models.MODELS),
@@ -48,15 +58,18 @@ def get_args_parser():
     p.add_argument('--learning_rate', type=float, default=1e-2, help='base learning rate')
     p.add_argument('--learning_rate_decay_frequency', type=int, default=9999999,
                    help='multiply every learning rate by 0.1 each time this many iterations pass')
-    p.add_argument('--batch_size', type=int, default=32, help='training and test batch size')
+    p.add_argument('--batch_size', type=int, default=32,
+                   help='training and test batch size (the global batch under torchrun)')
     p.add_argument('--weight_decay', type=float, default=1e-6, help='SGD weight decay')
     p.add_argument('--num_iters', type=int, default=210000, help='training iterations')
     p.add_argument('--loss', type=str, default='soft_triplet', choices=['soft_triplet', 'batch_based_classification'],
                    help='training loss')
-    p.add_argument('--loader_num_workers', type=int, default=4, help='DataLoader worker processes')
+    p.add_argument('--loader_num_workers', type=int, default=4,
+                   help='DataLoader workers (at most the CPUs available to the process)')
     # Beyond the reference.
     p.add_argument('--device', type=str, default='auto',
-                   help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps')
+                   help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps; under torchrun '
+                        'each process takes cuda:LOCAL_RANK')
     p.add_argument('--seed', type=int, default=None, help='random seed (default: drawn at random and recorded)')
     p.add_argument('--img_weights', type=str, default='imagenet',
                    help="ResNet-18 initialisation: 'imagenet' (torchvision's cache under TORCH_HOME), "
@@ -64,10 +77,29 @@ def get_args_parser():
     p.add_argument('--checkpoint', type=str, default=None,
                    help='load model weights from this checkpoint (ours or the released format) first')
     p.add_argument('--resume', type=str, default=None,
-                   help='continue the run that wrote this checkpoint, in its own run folder')
+                   help="continue the run that wrote this checkpoint: in its run folder when it is "
+                        "the run's latest_checkpoint.pth, else in a new run folder")
+    p.add_argument('--vocab_order', type=str, default=None, choices=['sorted', 'first_seen'],
+                   help='word numbering when the vocabulary is built from the training texts: '
+                        'sorted (new runs, SPEC 3) or first_seen (the 2019 code, with which the '
+                        'released checkpoints were trained); default: sorted for new runs, '
+                        'first_seen for a --checkpoint without a vocabulary')
+    p.add_argument('--f200k_label_order', type=str, default=None,
+                   help='Fashion200k: comma-separated label-file names giving the order in which '
+                        'they are read (default: sorted names)')
+    p.add_argument('--fiq_category', type=str, default='all', choices=['dress', 'shirt', 'toptee', 'all'],
+                   help='FashionIQ categories trained and tested')
+    p.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
+                   help="FashionIQ test gallery: 'split' (every image of split.<category>.val.json) "
+                        "or 'val' (the images of the val triplets, as the VAL paper)")
+    p.add_argument('--skip_missing_images', action='store_true',
+                   help='FashionIQ and CIRR: drop triplets and gallery entries whose image is missing '
+                        '(counted and recorded) instead of stopping')
     p.add_argument('--test_only', action='store_true', help='run the retrieval test once and exit')
-    p.add_argument('--test_split', type=str, default='test', choices=['train', 'test'],
-                   help='split evaluated by --test_only')
+    p.add_argument('--test_split', type=str, default='test', choices=['train', 'test', 'test1'],
+                   help="split evaluated by --test_only ('test1': CIRR's evaluation-server files)")
+    p.add_argument('--sync_bn', action='store_true',
+                   help='under torchrun on CUDA: BatchNorm statistics over the global batch')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA (off: exact float32)')
     p.add_argument('--channels_last', action='store_true', help='channels-last memory format for the CNN')
     p.add_argument('--fast_decode', action='store_true',
@@ -84,6 +116,8 @@ def parse_opt(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opt = get_args_parser().parse_args(argv)
     opt.explicit_flags = explicit_flags(argv)
+    # Absolute, so that the checkpoint names the same data from any working directory.
+    opt.dataset_path = os.path.abspath(opt.dataset_path)
     return opt
 
 
@@ -91,81 +125,57 @@ def check_opt(opt):
     for name in ('batch_size', 'embed_dim', 'num_iters', 'learning_rate_decay_frequency'):
         if getattr(opt, name) < 1:
             raise UserError(f'--{name}={getattr(opt, name)}: expected a positive integer')
+    for name in ('learning_rate', 'weight_decay'):
+        value = getattr(opt, name)
+        if not np.isfinite(value) or value < 0:
+            raise UserError(f'--{name}={value}: expected a finite number, 0 or more')
     if opt.loader_num_workers < 0:
         raise UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
+    if opt.seed is not None and not 0 <= opt.seed <= MAX_SEED:
+        raise UserError(f'--seed={opt.seed}: expected an integer from 0 to {MAX_SEED}')
     if opt.loss == 'soft_triplet' and opt.batch_size < 2:
         raise UserError('--batch_size=1: the soft triplet loss needs at least 2 examples a batch')
-    if opt.img_weights not in ('imagenet', 'none') and not os.path.isfile(opt.img_weights):
-        raise UserError(f"--img_weights={opt.img_weights}: no such file (expected 'imagenet', "
-                        f"'none' or a path to a ResNet-18 state dict)")
+    if opt.test_split == 'test1' and (opt.dataset != 'cirr' or not opt.test_only):
+        raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
+                        'evaluation-server files)')
     for name in ('checkpoint', 'resume'):
         path = getattr(opt, name)
         if path is not None and not os.path.isfile(path):
             raise UserError(f'--{name}={path}: no such file')
+    if opt.resume and opt.test_only:
+        raise UserError('--resume continues training; evaluate a checkpoint with --test_only '
+                        '--checkpoint=PATH')
 
 
-def select_device(name):
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'--device={name}: expected auto, cpu, cuda, cuda:N or mps') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device={name}: CUDA is not available on this machine')
-    if device.type == 'mps' and not torch.backends.mps.is_available():
-        raise UserError(f'--device={name}: MPS is not available on this machine')
-    return device
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def ensure_default_dataset(opt):
-    """Generate the synthetic CSS data when the default dataset folder is empty."""
-    path = opt.dataset_path
-    if opt.dataset != 'css3d' or os.path.normpath(path) != os.path.normpath(DEFAULT_DATASET_PATH):
+def check_img_weights(opt):
+    if opt.img_weights in ('imagenet', 'none'):
         return
-    if os.path.isfile(os.path.join(path, datasets.CSS_DATA_FILE)):
-        return
-    import make_css_dataset
-    print(f'No dataset in {path}: generating synthetic CSS data there (make_css_dataset.py)')
-    make_css_dataset.generate_css_dataset(path)
-
-
-def load_dataset(opt):
-    if not os.path.isdir(opt.dataset_path):
-        raise UserError(f'--dataset_path={opt.dataset_path}: no such folder')
-    print('Reading dataset', opt.dataset)
-    if opt.dataset == 'css3d':
-        transform, cls = datasets.css_transform(), datasets.CSSDataset
-    else:
-        transform = datasets.photo_transform()
-        cls = {'fashion200k': datasets.Fashion200k, 'mitstates': datasets.MITStates}[opt.dataset]
-    extra = {} if opt.dataset == 'css3d' else {'fast_decode': opt.fast_decode}
-    trainset = cls(path=opt.dataset_path, split='train', transform=transform, **extra)
-    testset = cls(path=opt.dataset_path, split='test', transform=transform, **extra)
-    for dataset in (trainset, testset):
-        print('  ' + dataset.summary())
-    return trainset, testset
-
-
-def create_model(opt, texts, vocab=None):
-    weights = {'imagenet': True, 'none': False}.get(opt.img_weights, opt.img_weights)
-    print('Creating model', opt.model)
+    if not os.path.isfile(opt.img_weights):
+        raise UserError(f"--img_weights={opt.img_weights}: no such file (expected 'imagenet', "
+                        f"'none' or a path to a ResNet-18 state dict)")
     try:
-        model = img_text_composition_models.MODELS[opt.model](
-            texts, opt.embed_dim, pretrained=weights, vocab=vocab)
+        img_text_composition_models.load_resnet18(opt.img_weights)
     except img_text_composition_models.WeightsUnavailableError as e:
-        raise UserError(str(e)) from None
-    return model
+        raise UserError(f'--img_weights={opt.img_weights}: {e}') from None
+
+
+def cap_loader_workers(opt):
+    """More workers than CPUs only adds contention (and a PyTorch warning per loader)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if opt.loader_num_workers > cpus:
+        distributed.print0(f'Using {cpus} DataLoader workers: --loader_num_workers='
+                           f'{opt.loader_num_workers}, but this process has {cpus} CPUs')
+        opt.loader_num_workers = cpus
+
+
+def seed_process(opt, rank):
+    """Every process draws the same torch stream (dropout, triplet negatives: identical on every
+    rank) but its own data stream, so that processes do not load the same examples."""
+    seed_everything(opt.seed)
+    if rank > 0:
+        data_seed = int(np.random.SeedSequence([opt.seed, rank]).generate_state(1)[0])
+        random.seed(data_seed)
+        np.random.seed(data_seed)
 
 
 def create_optimizer(opt, model):
@@ -196,13 +206,18 @@ def autocast(opt, device):
     return contextlib.nullcontext()
 
 
+class TrainingStopped(Exception):
+    pass
+
+
 def train_one_iteration(opt, model, optimizer, batch, device):
+    """`model` is the composition model, or its DistributedDataParallel wrapper: its forward is the
+    loss, which gathers the global batch's features when several processes train."""
     memory_format = torch.channels_last if opt.channels_last else torch.contiguous_format
     source = batch['source_img_data'].to(device, non_blocking=True, memory_format=memory_format)
     target = batch['target_img_data'].to(device, non_blocking=True, memory_format=memory_format)
     with autocast(opt, device):
-        loss = model.compute_loss(source, batch['mod_str'], target,
-                                  soft_triplet_loss=opt.loss == 'soft_triplet')
+        loss = model(source, batch['mod_str'], target, soft_triplet_loss=opt.loss == 'soft_triplet')
     loss_value = float(loss.detach())
     if not np.isfinite(loss_value):
         raise TrainingStopped(f'the {opt.loss} loss is {loss_value} at this iteration; '
@@ -213,26 +228,35 @@ def train_one_iteration(opt, model, optimizer, batch, device):
     return {opt.loss: loss_value, 'total training loss': loss_value}
 
 
-class TrainingStopped(Exception):
-    pass
-
-
 class InterruptFlag:
-    """First Ctrl-C: finish the iteration, save and exit 130.  Second: abort at once.
+    """First Ctrl-C or SIGTERM (sent by torchrun and cluster schedulers before they kill): finish
+    the iteration, save and exit.  The same signal again: abort at once.  (A Ctrl-C under torchrun
+    reaches a worker twice, as SIGINT and then as torchrun's SIGTERM: that is still one request.)
 
     Inside `interruptible()` (a retrieval test, which changes no state and may take minutes) the
-    first Ctrl-C stops at once with KeyboardInterrupt, and the caller saves."""
+    first signal stops at once with KeyboardInterrupt, and the caller saves."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.raised = False
+        self.received = []
         self.immediate = False
+        self.aborted = False
+
+    @property
+    def raised(self):
+        return bool(self.received)
+
+    def exit_code(self):
+        return 128 + int(self.received[0]) if self.received else 130
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     @contextlib.contextmanager
     def interruptible(self):
@@ -243,20 +267,24 @@ class InterruptFlag:
             self.immediate = False
 
     def _handle(self, signum, frame):
-        if self.raised or self.immediate:
-            self.raised = True
+        self.aborted = signum in self.received
+        self.received.append(signum)
+        if self.aborted or self.immediate:
             raise KeyboardInterrupt
-        self.raised = True
-        print('\nInterrupted: finishing this iteration, then saving (Ctrl-C again to abort)',
-              file=sys.stderr, flush=True)
+        if len(self.received) == 1:
+            name = 'Interrupted' if signum == signal.SIGINT else 'Terminated (SIGTERM)'
+            print(f'\n{name}: finishing this iteration, then saving (Ctrl-C again to abort)',
+                  file=sys.stderr, flush=True)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled full batches (drop_last), the order fixed by (seed, epoch) so that a resumed run
-    continues an epoch exactly where it stopped."""
+    continues an epoch exactly where it stopped.  Under torchrun each process takes its slice of
+    every global batch, so the global order does not depend on the number of processes."""
 
-    def __init__(self, size, batch_size, seed):
+    def __init__(self, size, batch_size, seed, rank=0, world_size=1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
 
     def batches_per_epoch(self):
@@ -269,105 +297,130 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch() - self.start_batch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
+        local = self.batch_size // self.world_size
         for b in range(self.start_batch, self.batches_per_epoch()):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            start = b * self.batch_size + self.rank * local
+            yield order[start:start + local]
 
 
-def make_train_loader(opt, trainset, sampler, device):
+def make_train_loader(opt, trainset, sampler, device, rank=0):
     workers = opt.loader_num_workers
+    # Worker seeds come from this generator, not the global one, so that the number of loaders
+    # created (fresh run or resume) does not change the global random stream.
+    loader_seed = opt.seed if rank == 0 else int(np.random.SeedSequence([opt.seed, rank, 1]).generate_state(1)[0])
     return torch.utils.data.DataLoader(
         trainset, batch_sampler=sampler, num_workers=workers,
         collate_fn=datasets.collate_training_batch, worker_init_fn=datasets.worker_init_fn,
         pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-        # Worker seeds come from this generator, not the global one, so that the number of
-        # loaders created (fresh run or resume) does not change the global random stream.
-        generator=torch.Generator().manual_seed(opt.seed))
+        generator=torch.Generator().manual_seed(loader_seed))
 
 
+def num_training_examples(dataset):
+    """Examples an epoch passes over: triplets for FashionIQ and CIRR, images for the others."""
+    count = getattr(dataset, 'num_training_examples', None)
+    return count() if count is not None else len(dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the run's own options, and where it goes on.
+
+# Flags that may differ between the sessions of one run: where, how fast and how long it runs,
+# not what it computes.
 RESUMABLE_FLAGS = {'resume', 'num_iters', 'loader_num_workers', 'device', 'dataset_path', 'amp',
-                   'channels_last', 'fast_decode'}
+                   'channels_last', 'fast_decode', 'sync_bn', 'comment', 'f'}
 
 
 def options_for_resume(opt, ckpt):
-    """The run's own options, except the few flags that may change between sessions."""
-    if 'optimizer_state_dict' not in ckpt:
+    """The run's own options.  A flag given again with the run's value is fine (the original
+    command plus --resume works); a real change of a flag that shapes the experiment is refused."""
+    saved = ckpt.get('opt')
+    if 'optimizer_state_dict' not in ckpt or not isinstance(saved, argparse.Namespace):
         raise UserError(f'--resume={opt.resume}: this checkpoint holds only model weights '
                         f'(released format?); use --checkpoint to start a new run from it')
-    fixed = sorted(set(opt.explicit_flags) - RESUMABLE_FLAGS)
-    if fixed:
-        raise UserError(f'--{fixed[0]} cannot change when resuming; only '
-                        f'{", ".join("--" + f for f in sorted(RESUMABLE_FLAGS - {"resume"}))} can')
-    resumed = argparse.Namespace(**vars(ckpt['opt']))
+    checkpoints.check_resumable(ckpt, opt.resume)
+    defaults = get_args_parser().parse_args([])
+    if opt.checkpoint is not None:
+        raise UserError('--checkpoint starts a new run from weights; --resume continues one: give one of them')
+    for flag in opt.explicit_flags:
+        if flag in RESUMABLE_FLAGS or not hasattr(defaults, flag):
+            continue
+        before, given = getattr(saved, flag, getattr(defaults, flag)), getattr(opt, flag)
+        if given != before:
+            changeable = ', '.join('--' + f for f in sorted(RESUMABLE_FLAGS - {'resume', 'f'}))
+            raise UserError(f'--{flag}={given}: the run in {opt.resume} used --{flag}={before}; '
+                            f'only {changeable} can change when resuming')
+    resumed = argparse.Namespace(**{**vars(defaults), **vars(saved)})
     for flag in opt.explicit_flags:
         setattr(resumed, flag, getattr(opt, flag))
     resumed.resume, resumed.checkpoint, resumed.test_only = opt.resume, None, False
     resumed.explicit_flags = opt.explicit_flags
+    if 'dataset_path' not in opt.explicit_flags:
+        resumed.dataset_path = os.path.abspath(saved.dataset_path)
+        if not os.path.isdir(resumed.dataset_path):
+            raise UserError(f'--resume={opt.resume}: the run\'s dataset folder {resumed.dataset_path} '
+                            f'is not there; give --dataset_path=DIR')
     return resumed
 
 
-def adopt_checkpoint_architecture(opt, ckpt):
-    """Take --model and --embed_dim from the checkpoint's options unless given on the command line."""
-    saved = ckpt.get('opt')
-    for name in ('model', 'embed_dim'):
-        if name not in opt.explicit_flags and hasattr(saved, name):
-            setattr(opt, name, getattr(saved, name))
+def check_resume_target(opt, ckpt):
+    it = int(ckpt['it'])
+    if opt.num_iters < it or (opt.num_iters == it and ckpt.get('finished', False)):
+        raise UserError(f'--num_iters={opt.num_iters}: the run in {opt.resume} is already at '
+                        f'iteration {it}; give a larger --num_iters to train further')
 
 
-def checkpoint_vocabulary(opt, ckpt, path, trainset):
-    """The checkpoint's own vocabulary, or (released checkpoints) the sorted vocabulary of the
-    dataset's training texts, which must have as many words as the checkpoint's embedding."""
-    if 'vocab' in ckpt:
-        return text_model.SimpleVocab(ckpt['vocab'])
-    texts = trainset.get_all_texts()
-    vocab = text_model.SimpleVocab.from_texts(texts)
-    rows = ckpt['model_state_dict'].get('text_model.embedding_layer.weight')
-    if rows is not None and rows.shape[0] != vocab.get_size():
-        raise UserError(
-            f'{path}: its word embedding has {rows.shape[0]} words, but the vocabulary built from '
-            f'the {len(texts)} {opt.dataset} training texts in {opt.dataset_path} has '
-            f'{vocab.get_size()}; the checkpoint carries no vocabulary, so evaluate it with the '
-            f'exact training data it was trained on')
-    return vocab
+def resume_in_place(path):
+    """Only a run's latest checkpoint continues in its folder: resuming from an older one
+    (best_checkpoint.pth) there would overwrite the later work, so it gets a new folder."""
+    return os.path.basename(path) == 'latest_checkpoint.pth'
 
 
-def load_model_weights(model, ckpt, path):
-    mismatch = checkpoints.describe_state_dict_mismatch(model, ckpt['model_state_dict'])
-    if mismatch:
-        saved = ckpt.get('opt')
-        hint = (f' (it was trained with --model={saved.model} --embed_dim={saved.embed_dim})'
-                if hasattr(saved, 'model') and hasattr(saved, 'embed_dim') else '')
-        raise UserError(f'{path}: does not fit --model={model_name(model)}: {mismatch}{hint}')
-    model.load_state_dict(ckpt['model_state_dict'], strict=True)
+# ---------------------------------------------------------------------------------------------
+# Run folder, logs and metrics (written by the first process only).
+
+class NullLogger:
+    """What processes other than the first log to: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
-def model_name(model):
-    return {cls: name for name, cls in img_text_composition_models.MODELS.items()}[type(model)]
+def create_run_folder(comment):
+    """tensorboardX's `runs/<date>_<time>_<host><comment>`, created atomically: when the name is
+    taken (two runs started in the same second), `.2`, `.3`, ... follow the host name."""
+    stamp = datetime.datetime.now().strftime('%b%d_%H-%M-%S')
+    os.makedirs('runs', exist_ok=True)
+    for n in range(1, 1000):
+        path = os.path.join('runs', f'{stamp}_{socket.gethostname()}{"" if n == 1 else f".{n}"}{comment}')
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f'runs/: cannot create a new run folder for {stamp}{comment}')
 
 
 def open_run(opt):
-    """The run folder is tensorboardX's default `runs/<date>_<time>_<host><comment>`; a resumed
-    run keeps writing in its own folder, dropping any events logged after its checkpoint."""
+    """The run folder and its tensorboard writer.  A run resumed from its latest checkpoint keeps
+    writing in its own folder, dropping any events logged after that checkpoint."""
     from tensorboardX import SummaryWriter
-    if opt.resume:
+    if not distributed.is_main_process():
+        return NullLogger(), None
+    if opt.resume and resume_in_place(opt.resume):
         run_dir = os.path.dirname(os.path.abspath(opt.resume))
         logger = SummaryWriter(logdir=run_dir, purge_step=opt.resume_it + 1)
     else:
-        logger = SummaryWriter(comment=opt.comment)
-        run_dir = logger.logdir
+        run_dir = create_run_folder(opt.comment)
+        logger = SummaryWriter(logdir=run_dir)
         for key, value in sorted(vars(opt).items()):
             logger.add_text(key, str(value))
+        if opt.resume:
+            print(f'{opt.resume} is not its run\'s latest checkpoint: continuing in a new run '
+                  f'folder, so the later work of that run is kept')
     print('Run folder:', run_dir)
     return logger, run_dir
-
-
-def log_scalar(logger, tag, value, step):
-    """`add_scalar` without tensorboardX's tag clean-up, which would turn the reference's names
-    ('test recall_top1_correct_composition', 'total training loss') into underscored ones."""
-    from tensorboardX.proto.summary_pb2 import Summary
-    summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])
-    logger._get_file_writer().add_summary(summary, step)
 
 
 def append_metrics_line(run_dir, record):
@@ -380,8 +433,6 @@ def log_retrieval_examples(logger, dataset, features, it, count=4, k=5):
     each (source image and text), then their top-k results, the correct ones framed in green.
     It reuses the retrieval test's features and draws from no random generator."""
     import retrieval_grid
-    from tensorboardX.proto.summary_pb2 import Summary
-    from tensorboardX.summary import make_image
     queries = dataset.get_test_queries()
     ids = sorted({i * len(queries) // count for i in range(count)})
     exclude = None if features['exclude'] is None else features['exclude'][ids]
@@ -392,26 +443,42 @@ def log_retrieval_examples(logger, dataset, features, it, count=4, k=5):
         queries[i]['mod']['str'], scores[r].tolist(), neighbours[r].tolist(),
         queries[i]['target_caption'], f'target: {queries[i]["target_caption"]}')
         for r, i in enumerate(ids)]
-    picture = np.asarray(retrieval_grid.draw_rows(rows).convert('RGB'))  # HxWx3 uint8
-    # Written directly, as log_scalar does, so that the tag keeps its space.
-    summary = Summary(value=[Summary.Value(tag='retrieval examples', image=make_image(picture))])
-    logger._get_file_writer().add_summary(summary, it)
+    picture = np.asarray(retrieval_grid.draw_rows(rows).convert('RGB'))
+    logger.add_image('retrieval examples', picture, it, dataformats='HWC')
+
+
+def evaluate_split(opt, model, dataset, features=None):
+    """[(metric name, recall)] of one split, by the dataset's own protocol."""
+    if opt.dataset == 'fashioniq' and dataset.get_test_queries():
+        import fashioniq
+        return fashioniq.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers)
+    if opt.dataset == 'cirr' and dataset.get_test_queries():
+        import cirr
+        return cirr.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers)
+    return test_retrieval.test(opt, model, dataset, features=features)
 
 
 def evaluate(opt, model, named_sets, logger, it, epoch, run_dir):
+    """Every process computes (its share of the features); the first one logs."""
     metrics = {}
     for split, dataset in named_sets:
-        features = {} if split == 'test' and dataset.get_test_queries() else None
-        for name, value in test_retrieval.test(opt, model, dataset, features=features):
+        show_examples = (split == 'test' and opt.dataset in ('css3d', 'fashion200k', 'mitstates')
+                         and distributed.is_main_process() and bool(dataset.get_test_queries()))
+        features = {} if show_examples else None
+        for name, value in evaluate_split(opt, model, dataset, features):
             metrics[f'{split} {name}'] = value
-        if features:
+        if show_examples:
             log_retrieval_examples(logger, dataset, features, it)
     for name, value in metrics.items():
-        log_scalar(logger, name, value, it)
-        print('    ', name, round(value, 4))
-    append_metrics_line(run_dir, {'it': it, 'epoch': epoch, **metrics})
+        logger.add_scalar(name, value, it)  # stored as tensorboardX cleans it: test_recall_top1_...
+        distributed.print0('    ', name, round(value, 4))
+    if run_dir is not None:
+        append_metrics_line(run_dir, {'it': it, 'epoch': epoch, **metrics})
     return metrics
 
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
 
 def build_checkpoint(opt, model, optimizer, trainset, progress):
     return {
@@ -425,201 +492,345 @@ def build_checkpoint(opt, model, optimizer, trainset, progress):
         'batches_done': progress['batches_done'],
         'losses': progress['losses'],
         'best_recall': progress['best_recall'],
+        'finished': progress.get('finished', False),
         'rng': checkpoints.rng_states(),
         'dataset_sampler_state': trainset.get_sampler_state(),
     }
 
 
-def save_checkpoint(opt, model, optimizer, trainset, progress, run_dir, name='latest_checkpoint.pth'):
-    path = os.path.join(run_dir, name)
-    checkpoints.save_atomic(build_checkpoint(opt, model, optimizer, trainset, progress), path)
+def save_checkpoint(run, progress, name='latest_checkpoint.pth'):
+    """Written by the first process only; returns the path there (None elsewhere)."""
+    if run['dir'] is None:
+        return None
+    path = os.path.join(run['dir'], name)
+    checkpoints.save_atomic(
+        build_checkpoint(run['opt'], run['model'], run['optimizer'], run['trainset'], progress), path)
     return path
 
 
-def log_epoch_losses(progress, logger, optimizer, it):
+def log_epoch_losses(run, progress):
+    logger, it = run['logger'], progress['it']
     for name, values in progress['losses'].items():
-        print('    Loss', name, round(float(np.mean(values)), 4))
-        log_scalar(logger, name, np.mean(values), it)
-    log_scalar(logger, 'learning_rate', optimizer.param_groups[0]['lr'], it)
+        distributed.print0('    Loss', name, round(float(np.mean(values)), 4))
+        logger.add_scalar(name, np.mean(values), it)
+    logger.add_scalar('learning_rate', run['optimizer'].param_groups[0]['lr'], it)
 
 
-def checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir, progress,
-                            test_now, interrupt):
+def tracked_metric(opt):
+    return TRACKED_METRICS.get(opt.dataset, DEFAULT_TRACKED_METRIC)
+
+
+def checkpoint_and_evaluate(run, progress, test_now):
     """The reference's start-of-epoch block: losses, retrieval test, checkpoint."""
-    log_epoch_losses(progress, logger, optimizer, progress['it'])
+    opt = run['opt']
+    log_epoch_losses(run, progress)
     if test_now:
-        with interrupt.interruptible():
-            metrics = evaluate(opt, model, [('train', trainset), ('test', testset)], logger,
-                               progress['it'], progress['epoch'], run_dir)
-        recall = metrics.get(TRACKED_METRIC)
+        with run['interrupt'].interruptible():
+            metrics = evaluate(opt, run['model'], [('train', run['trainset']), ('test', run['testset'])],
+                               run['logger'], progress['it'], progress['epoch'], run['dir'])
+        recall = metrics.get(tracked_metric(opt))
         if recall is not None and (progress['best_recall'] is None or recall > progress['best_recall']):
             progress['best_recall'] = recall
-            save_checkpoint(opt, model, optimizer, trainset, progress, run_dir, 'best_checkpoint.pth')
-    save_checkpoint(opt, model, optimizer, trainset, progress, run_dir)
-    logger.flush()
+            save_checkpoint(run, progress, 'best_checkpoint.pth')
+    save_checkpoint(run, progress)
+    run['logger'].flush()
 
 
-def train_one_epoch(opt, model, optimizer, loader, device, progress, interrupt):
+def save_before_failing(run, progress):
+    """An evaluation that fails (a corrupt test image, a full disk) or is interrupted keeps the
+    training done so far: save, so that the resumed run redoes this epoch start."""
+    try:
+        path = save_checkpoint(run, progress)
+    except Exception as e:  # the save itself may be what failed: report the first error
+        print(f'main.py: could not save a checkpoint either ({e})', file=sys.stderr)
+        return
+    if path is not None:
+        print(f'Saved {os.path.abspath(path)} at iteration {progress["it"]}; fix the problem, '
+              f'then continue with --resume={shlex.quote(os.path.abspath(path))}', file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+def stop_requested(run, progress):
+    """Every process stops at the same iteration (torchrun delivers signals at slightly different
+    times), so the decision is shared."""
+    return distributed.any_process(run['interrupt'].raised, run['device'])
+
+
+def train_one_epoch(run, loader, progress):
+    opt = run['opt']
     bar = tqdm(loader, desc=f'Training for epoch {progress["epoch"]}', dynamic_ncols=True,
-               mininterval=1.0, disable=None)
+               mininterval=1.0, disable=None if distributed.is_main_process() else True)
     for batch in bar:
         try:
-            losses = train_one_iteration(opt, model, optimizer, batch, device)
+            losses = train_one_iteration(opt, run['train_model'], run['optimizer'], batch, run['device'])
         except TrainingStopped as e:
             raise TrainingStopped(f'iteration {progress["it"] + 1}: {e}') from None
         progress['it'] += 1
         progress['batches_done'] += 1
         for name, value in losses.items():
             progress['losses'].setdefault(name, []).append(value)
-        decay_learning_rate(opt, optimizer, progress['it'])
+        decay_learning_rate(opt, run['optimizer'], progress['it'])
         if progress['it'] % 10 == 1:
             bar.set_postfix(loss=f'{losses[opt.loss]:.4f}', refresh=False)
-        if interrupt.raised or progress['it'] >= opt.num_iters:
+        if stop_requested(run, progress) or progress['it'] >= opt.num_iters:
             break
     bar.close()
 
 
-def train(opt, model, optimizer, trainset, testset, logger, run_dir, device, progress, interrupt):
-    sampler = EpochBatchSampler(len(trainset), opt.batch_size, opt.seed)
-    per_epoch = sampler.batches_per_epoch()
-    if per_epoch == 0:
-        raise UserError(f'--batch_size={opt.batch_size} is larger than the {len(trainset)} '
-                        f'training images')
-    loader = make_train_loader(opt, trainset, sampler, device)
-    print('Begin training')
-    tic = time.time()
-    while progress['it'] < opt.num_iters:
-        if progress['batches_done'] >= per_epoch:
-            progress['epoch'] += 1
-            progress['batches_done'] = 0
-            print('It', progress['it'], 'epoch', progress['epoch'], 'Elapsed time',
-                  round(time.time() - tic, 4), opt.comment)
-            tic = time.time()
-            try:
-                checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir,
-                                        progress, progress['epoch'] % 3 == 1, interrupt)
-            except KeyboardInterrupt:
-                # Stopped inside the retrieval test: a resumed run redoes this epoch's start.
-                progress['epoch'] -= 1
-                progress['batches_done'] = per_epoch
-                break
-            progress['losses'] = {}
-        if interrupt.raised:
-            break
-        model.train()
-        sampler.set_epoch(progress['epoch'], progress['batches_done'])
-        train_one_epoch(opt, model, optimizer, loader, device, progress, interrupt)
-        if interrupt.raised:
-            break
-    if interrupt.raised:
-        return save_after_interrupt(opt, model, optimizer, trainset, progress, run_dir)
-    print('Finished training at iteration', progress['it'])
+def start_epoch(run, progress, per_epoch, tic):
+    """The epoch-start block; on failure the checkpoint makes a resumed run redo it."""
+    progress['epoch'] += 1
+    progress['batches_done'] = 0
+    distributed.print0('It', progress['it'], 'epoch', progress['epoch'], 'Elapsed time',
+                       round(time.time() - tic, 4), run['opt'].comment)
     try:
-        checkpoint_and_evaluate(opt, model, optimizer, trainset, testset, logger, run_dir,
-                                progress, True, interrupt)
+        checkpoint_and_evaluate(run, progress, progress['epoch'] % 3 == 1)
+    except (Exception, KeyboardInterrupt):
+        progress['epoch'] -= 1
+        progress['batches_done'] = per_epoch
+        raise
+    progress['losses'] = {}
+
+
+def train(run, progress):
+    opt, trainset = run['opt'], run['trainset']
+    sampler = EpochBatchSampler(num_training_examples(trainset), opt.batch_size, opt.seed,
+                                distributed.rank(), distributed.world_size())
+    per_epoch = sampler.batches_per_epoch()
+    loader = make_train_loader(opt, trainset, sampler, run['device'], distributed.rank())
+    distributed.print0('Begin training')
+    tic = time.time()
+    try:
+        while progress['it'] < opt.num_iters:
+            if progress['batches_done'] >= per_epoch:
+                start_epoch(run, progress, per_epoch, tic)
+                tic = time.time()
+            if stop_requested(run, progress):
+                break
+            run['train_model'].train()
+            sampler.set_epoch(progress['epoch'], progress['batches_done'])
+            train_one_epoch(run, loader, progress)
+            if stop_requested(run, progress):
+                break
+        if not stop_requested(run, progress):
+            distributed.print0('Finished training at iteration', progress['it'])
+            checkpoint_and_evaluate(run, progress, True)
+            progress['finished'] = True
+            save_checkpoint(run, progress)
+            return 0
     except KeyboardInterrupt:
-        return save_after_interrupt(opt, model, optimizer, trainset, progress, run_dir)
-    return 0
+        if run['interrupt'].aborted:
+            raise
+        # The first signal inside a retrieval test: save at once, below.
+    except Exception:
+        if distributed.is_main_process():
+            save_before_failing(run, progress)
+        raise
+    return save_after_interrupt(run, progress)
 
 
-def save_after_interrupt(opt, model, optimizer, trainset, progress, run_dir):
-    path = os.path.abspath(save_checkpoint(opt, model, optimizer, trainset, progress, run_dir))
-    print(f'Saved {path} at iteration {progress["it"]}. To continue:\n'
-          f'  {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} '
-          f'--resume={shlex.quote(path)}', file=sys.stderr)
-    return 130
+def save_after_interrupt(run, progress):
+    path = save_checkpoint(run, progress)
+    distributed.barrier()
+    if path is not None:
+        path = os.path.abspath(path)
+        launcher = 'torchrun ... ' if distributed.is_initialized() else f'{shlex.quote(sys.executable)} '
+        print(f'Saved {path} at iteration {progress["it"]}. To continue, run the same command with '
+              f'--resume, or:\n  {launcher}{shlex.quote(os.path.abspath(__file__))} '
+              f'--resume={shlex.quote(path)}', file=sys.stderr)
+    return run['interrupt'].exit_code()
 
 
-def test_only(opt, model, trainset, testset, logger, run_dir):
-    dataset = testset if opt.test_split == 'test' else trainset
+def test_only(run):
+    opt = run['opt']
+    dataset = run['testset'] if opt.test_split != 'train' else run['trainset']
     it = getattr(opt, 'checkpoint_it', 0)
-    metrics = evaluate(opt, model, [(opt.test_split, dataset)], logger, it, None, run_dir)
+    if opt.test_split == 'test1':
+        return write_cirr_submission(run, dataset, it)
+    metrics = evaluate(opt, run['model'], [(opt.test_split, dataset)], run['logger'], it, None, run['dir'])
+    if run['dir'] is None:
+        return 0
     print(f'{"metric":<45} {"recall":>8}')
     for name, value in metrics.items():
         print(f'{name:<45} {100 * value:>7.2f}%')
+    write_test_results(run, dataset, it, metrics)
+    return 0
+
+
+def write_test_results(run, dataset, it, metrics):
+    opt = run['opt']
     results = {'checkpoint': opt.checkpoint, 'dataset': opt.dataset,
                'dataset_path': opt.dataset_path, 'split': opt.test_split, 'model': opt.model,
                'it': it, 'metrics': metrics}
-    path = os.path.join(run_dir, 'test_results.json')
+    if opt.dataset == 'fashioniq':
+        results.update(fiq_category=opt.fiq_category, fiq_protocol=opt.fiq_protocol)
+    skipped = getattr(dataset, 'skipped', None)
+    if skipped:
+        results['skipped_missing_images'] = skipped
+    path = os.path.join(run['dir'], 'test_results.json')
     with open(path, 'w') as f:
         json.dump(results, f, indent=1)
     print('Wrote', path)
+
+
+def write_cirr_submission(run, dataset, it):
+    import cirr
+    opt = run['opt']
+    recall, recall_subset = cirr.test1_submission(run['model'], dataset, opt.batch_size,
+                                                  opt.loader_num_workers)
+    if run['dir'] is None:
+        return 0
+    for path in cirr.write_test1_files(run['dir'], recall, recall_subset):
+        print('Wrote', path)
     return 0
 
 
 def initial_progress():
-    return {'it': 0, 'epoch': -1, 'batches_done': float('inf'), 'losses': {}, 'best_recall': None}
+    return {'it': 0, 'epoch': -1, 'batches_done': float('inf'), 'losses': {}, 'best_recall': None,
+            'finished': False}
 
 
 def restore_progress(ckpt):
     return {'it': int(ckpt['it']), 'epoch': int(ckpt['epoch']),
             'batches_done': int(ckpt['batches_done']),
             'losses': {k: list(v) for k, v in ckpt.get('losses', {}).items()},
-            'best_recall': ckpt.get('best_recall')}
+            'best_recall': ckpt.get('best_recall'), 'finished': bool(ckpt.get('finished', False))}
 
 
-def run(opt):
+# ---------------------------------------------------------------------------------------------
+
+def prepare_options(opt):
+    """Every check that needs no data, before anything is written."""
     check_opt(opt)
     resume_ckpt = checkpoints.load(opt.resume) if opt.resume else None
     if resume_ckpt is not None:
         opt = options_for_resume(opt, resume_ckpt)
         opt.resume_it = int(resume_ckpt['it'])
-    if opt.seed is None:
-        opt.seed = random.SystemRandom().randrange(2 ** 31)
-        print('Seed', opt.seed)
-    seed_everything(opt.seed)
-    device = select_device(opt.device)
-    ensure_default_dataset(opt)
-    trainset, testset = load_dataset(opt)
-
+        check_resume_target(opt, resume_ckpt)
     init_ckpt, init_path = resume_ckpt, opt.resume
     if init_ckpt is None and opt.checkpoint:
         init_ckpt, init_path = checkpoints.load(opt.checkpoint), opt.checkpoint
+    if init_ckpt is None:
+        check_img_weights(opt)
+    return opt, resume_ckpt, init_ckpt, init_path
+
+
+def check_processes(opt):
+    if opt.batch_size % distributed.world_size():
+        raise UserError(f'--batch_size={opt.batch_size}: the global batch must divide by the '
+                        f'{distributed.world_size()} processes')
+    if opt.sync_bn and not (distributed.is_initialized() and torch.cuda.is_available()):
+        raise UserError('--sync_bn: SyncBatchNorm needs several processes (torchrun) on CUDA')
+
+
+def build_model(opt, init_ckpt, init_path, trainset, device):
     vocab = None
     if init_ckpt is not None:
         adopt_checkpoint_architecture(opt, init_ckpt)
-        vocab = checkpoint_vocabulary(opt, init_ckpt, init_path, trainset)
         opt.checkpoint_it = int(init_ckpt.get('it', 0))
         opt.img_weights = 'none'  # every weight comes from the checkpoint
-    model = create_model(opt, trainset.get_all_texts(), vocab)
+    with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
+        vocab = build_vocabulary(opt, init_ckpt, init_path, trainset)
+        model = create_model(opt, trainset.get_all_texts(), vocab)
     if init_ckpt is not None:
         load_model_weights(model, init_ckpt, init_path)
     model = model.to(device)
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
 
+
+def wrap_for_training(opt, model, device):
+    """The module whose forward (the loss) training calls: the model itself, or under torchrun
+    its DistributedDataParallel wrapper, which averages the gradients over the processes."""
+    if not distributed.is_initialized():
+        return model
+    if opt.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None,
+        # The image-only model never reads its text encoder.
+        find_unused_parameters=opt.model == 'imgonly')
+
+
+def check_training_set(opt, trainset):
+    count = num_training_examples(trainset)
+    if count < opt.batch_size:
+        raise UserError(f'--batch_size={opt.batch_size} is larger than the {count} training examples')
+
+
+def load_data(opt):
+    if distributed.is_main_process():
+        ensure_default_dataset(opt)
+    distributed.barrier()
+    with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
+        return load_dataset(opt, 'test1' if opt.test_split == 'test1' else 'test')
+
+
+def run(opt):
+    opt, resume_ckpt, init_ckpt, init_path = prepare_options(opt)
+    device = distributed.device_for_process(select_device(opt.device))
+    check_processes(opt)
+    if opt.seed is None:
+        opt.seed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+        distributed.print0('Seed', opt.seed)
+    seed_process(opt, distributed.rank())
+    cap_loader_workers(opt)
+    trainset, testset = load_data(opt)
+    model = build_model(opt, init_ckpt, init_path, trainset, device)
+    if not opt.test_only:
+        check_training_set(opt, trainset)
     logger, run_dir = open_run(opt)
+    run = {'opt': opt, 'model': model, 'trainset': trainset, 'testset': testset, 'device': device,
+           'logger': logger, 'dir': run_dir, 'optimizer': None}
     try:
         if opt.test_only:
-            return test_only(opt, model, trainset, testset, logger, run_dir)
-        optimizer = create_optimizer(opt, model)
+            return test_only(run)
+        run['train_model'] = wrap_for_training(opt, model, device)
+        run['optimizer'] = create_optimizer(opt, model)
         progress = initial_progress()
         if resume_ckpt is not None:
-            optimizer.load_state_dict(resume_ckpt['optimizer_state_dict'])
-            progress = restore_progress(resume_ckpt)
-            checkpoints.set_rng_states(resume_ckpt['rng'])
-            trainset.set_sampler_state(resume_ckpt.get('dataset_sampler_state'))
-            print(f'Resuming at iteration {progress["it"]}, epoch {progress["epoch"]}')
+            progress = restore_training_state(run, resume_ckpt)
         with InterruptFlag() as interrupt:
-            return train(opt, model, optimizer, trainset, testset, logger, run_dir, device,
-                         progress, interrupt)
+            run['interrupt'] = interrupt
+            return train(run, progress)
     finally:
         logger.close()
+
+
+def restore_training_state(run, ckpt):
+    run['optimizer'].load_state_dict(ckpt['optimizer_state_dict'])
+    progress = restore_progress(ckpt)
+    checkpoints.set_rng_states(ckpt['rng'])
+    rank = distributed.rank()
+    if rank == 0:
+        run['trainset'].set_sampler_state(ckpt.get('dataset_sampler_state'))
+    else:  # the checkpoint holds the first process's data stream; the others draw their own
+        seed = int(np.random.SeedSequence([run['opt'].seed, rank, progress['it']]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+    distributed.print0(f'Resuming at iteration {progress["it"]}, epoch {progress["epoch"]}')
+    return progress
+
+
+USER_ERRORS = (UserError, datasets.DatasetError, checkpoints.CheckpointError, TrainingStopped,
+               OSError)  # OSError: a folder that cannot be written, a full disk: not a bug to trace
 
 
 def main(argv=None):
     opt = parse_opt(argv)
     try:
         return run(opt)
-    except (UserError, datasets.DatasetError, checkpoints.CheckpointError, TrainingStopped) as e:
-        print(f'main.py: error: {e}', file=sys.stderr)
-        return 1
-    except OSError as e:  # a folder that cannot be written, a full disk: not a bug to trace
+    except USER_ERRORS as e:
         print(f'main.py: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print('\nAborted.', file=sys.stderr)
         return 130
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == '__main__':

@@ -21,6 +21,7 @@ import torch
 import checkpoints
 import datasets
 import img_text_composition_models
+import experiment
 import main
 import retrieval_grid
 import test_retrieval
@@ -46,7 +47,7 @@ def get_args_parser():
                    help="gallery dataset (default: the checkpoint's, else css3d)")
     p.add_argument('--dataset_path', type=str, default=None,
                    help="dataset root (default: the checkpoint's --dataset_path, else "
-                        f"{main.DEFAULT_DATASET_PATH})")
+                        f"{experiment.DEFAULT_DATASET_PATH})")
     p.add_argument('--split', type=str, default='test', choices=['train', 'test'],
                    help='split whose images form the gallery and whose test queries '
                         '--query_index counts (default: test)')
@@ -87,24 +88,24 @@ def parse_opt(argv=None):
 def check_opt(opt):
     for name in ('batch_size', 'topk'):
         if getattr(opt, name) < 1:
-            raise main.UserError(f'--{name}={getattr(opt, name)}: expected a positive integer')
+            raise experiment.UserError(f'--{name}={getattr(opt, name)}: expected a positive integer')
     if opt.embed_dim is not None and opt.embed_dim < 1:
-        raise main.UserError(f'--embed_dim={opt.embed_dim}: expected a positive integer')
+        raise experiment.UserError(f'--embed_dim={opt.embed_dim}: expected a positive integer')
     if opt.loader_num_workers < 0:
-        raise main.UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
+        raise experiment.UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
     if opt.query_index is not None:
         if opt.query_img is not None or opt.query_text is not None:
-            raise main.UserError('give either --query_index or --query_img with --query_text, not both')
+            raise experiment.UserError('give either --query_index or --query_img with --query_text, not both')
         if opt.query_index < 0:
-            raise main.UserError(f'--query_index={opt.query_index}: expected 0 or more')
+            raise experiment.UserError(f'--query_index={opt.query_index}: expected 0 or more')
     elif opt.query_img is None or opt.query_text is None:
-        raise main.UserError('no query: give --query_img=PATH and --query_text=TEXT, or --query_index=N')
+        raise experiment.UserError('no query: give --query_img=PATH and --query_text=TEXT, or --query_index=N')
     if opt.query_img is not None and not os.path.isfile(opt.query_img):
-        raise main.UserError(f'--query_img={opt.query_img}: no such file')
+        raise experiment.UserError(f'--query_img={opt.query_img}: no such file')
     if opt.out is not None:
         folder = os.path.dirname(os.path.abspath(opt.out))
         if not os.path.isdir(folder):
-            raise main.UserError(f'--out={opt.out}: no such folder {folder}')
+            raise experiment.UserError(f'--out={opt.out}: no such folder {folder}')
 
 
 def adopt_checkpoint_dataset(opt, ckpt):
@@ -117,9 +118,9 @@ def adopt_checkpoint_dataset(opt, ckpt):
         if getattr(saved, 'dataset', None) == opt.dataset and saved_path and os.path.isdir(saved_path):
             opt.dataset_path = saved_path
         elif opt.dataset == 'css3d':
-            opt.dataset_path = main.DEFAULT_DATASET_PATH
+            opt.dataset_path = experiment.DEFAULT_DATASET_PATH
         else:
-            raise main.UserError(f'--dataset_path: not given, and the checkpoint\'s '
+            raise experiment.UserError(f'--dataset_path: not given, and the checkpoint\'s '
                                  f'({saved_path}) is not a folder here')
 
 
@@ -132,14 +133,14 @@ def load_model_and_gallery(opt):
         for name in ('model', 'embed_dim'):  # main.py's defaults when neither given nor saved
             if getattr(opt, name) is None:
                 setattr(opt, name, main.get_args_parser().get_default(name))
-        main.adopt_checkpoint_architecture(opt, ckpt)
-        device = main.select_device(opt.device)
+        experiment.adopt_checkpoint_architecture(opt, ckpt)
+        device = experiment.select_device(opt.device)
         opt.fast_decode = False  # exact pixels
-        trainset, testset = main.load_dataset(opt)
-        vocab = main.checkpoint_vocabulary(opt, ckpt, opt.checkpoint, trainset)
+        trainset, testset = experiment.load_dataset(opt)
+        vocab = experiment.build_vocabulary(opt, ckpt, opt.checkpoint, trainset)
         opt.img_weights = 'none'  # every weight comes from the checkpoint
-        model = main.create_model(opt, trainset.get_all_texts(), vocab)
-        main.load_model_weights(model, ckpt, opt.checkpoint)
+        model = experiment.create_model(opt, trainset.get_all_texts(), vocab)
+        experiment.load_model_weights(model, ckpt, opt.checkpoint)
     model = model.to(device).eval()
     return model, (testset if opt.split == 'test' else trainset)
 
@@ -265,9 +266,9 @@ def image_files(dataset):
 def query_from_index(dataset, n):
     queries = dataset.get_test_queries()
     if not queries:
-        raise main.UserError(f'--query_index: the {dataset.split} split has no test queries')
+        raise experiment.UserError(f'--query_index: the {dataset.split} split has no test queries')
     if n >= len(queries):
-        raise main.UserError(f'--query_index={n}: out of range (the {dataset.split} split has '
+        raise experiment.UserError(f'--query_index={n}: out of range (the {dataset.split} split has '
                              f'{len(queries)} test queries, 0 to {len(queries) - 1})')
     q = queries[n]
     source = int(q['source_img_id'])
@@ -338,7 +339,7 @@ def retrieve(opt):
         try:
             picture.save(opt.out, format='PNG')
         except (OSError, ValueError) as e:
-            raise main.UserError(f'--out={opt.out}: cannot write ({e})') from None
+            raise experiment.UserError(f'--out={opt.out}: cannot write ({e})') from None
         print(f'Wrote {opt.out}', file=sys.stderr)
     return query, results
 
@@ -365,7 +366,7 @@ def main_cli(argv=None):
     try:
         retrieve(opt)
         return 0
-    except (main.UserError, datasets.DatasetError, checkpoints.CheckpointError) as e:
+    except (experiment.UserError, datasets.DatasetError, checkpoints.CheckpointError) as e:
         print(f'retrieve.py: error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,11 +13,10 @@ def tokenize_text(text):
 
 
 class SimpleVocab:
-    """`<UNK>` = 0, then every distinct token of the training texts in sorted order.
+    """`<UNK>` = 0, then every distinct token of the training texts, sorted (SPEC 3) or in order
+    of first appearance (the 2019 code, with which the released checkpoints were trained)."""
 
-    The reference numbered words in order of first appearance; its released checkpoints were
-    trained with the sorted numbering, which is what this class builds.
-    """
+    ORDERS = ('sorted', 'first_seen')
 
     UNK = '<UNK>'
 
@@ -28,11 +27,13 @@ class SimpleVocab:
                 self.word2id[word] = len(self.word2id)
 
     @classmethod
-    def from_texts(cls, texts):
-        tokens = set()
+    def from_texts(cls, texts, order='sorted'):
+        if order not in cls.ORDERS:
+            raise ValueError(f'vocabulary order {order!r}: expected one of {cls.ORDERS}')
+        tokens = {}  # a dict keeps first appearances in order
         for text in texts:
-            tokens.update(tokenize_text(text))
-        return cls(sorted(tokens))
+            tokens.update(dict.fromkeys(tokenize_text(text)))
+        return cls(sorted(tokens) if order == 'sorted' else list(tokens))
 
     def words(self):
         """Words in id order, without `<UNK>`: enough to rebuild this vocabulary exactly."""

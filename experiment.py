@@ -1,0 +1,169 @@
+"""What main.py, retrieve.py and bench.py share: the device, the datasets, and a model built from
+flags or a checkpoint.  One-line user errors are `UserError`."""
+import importlib
+import os
+import random
+
+import numpy as np
+import torch
+
+import checkpoints
+import datasets
+import img_text_composition_models
+import text_model
+
+DEFAULT_DATASET_PATH = os.path.join('.', 'data', 'css_synth')
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: reported as one line, no traceback."""
+
+
+def select_device(name):
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'--device={name}: expected auto, cpu, cuda, cuda:N or mps') from None
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        raise UserError(f'--device={name}: expected auto, cpu, cuda, cuda:N or mps')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device={name}: CUDA is not available on this machine')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f'--device={name}: this machine has {torch.cuda.device_count()} CUDA devices')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f'--device={name}: MPS is not available on this machine')
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def is_default_dataset(opt):
+    return (opt.dataset == 'css3d' and
+            os.path.abspath(opt.dataset_path) == os.path.abspath(DEFAULT_DATASET_PATH))
+
+
+def ensure_default_dataset(opt):
+    """Generate the synthetic CSS data when the default dataset folder holds none."""
+    if not is_default_dataset(opt):
+        return
+    if os.path.isfile(os.path.join(opt.dataset_path, datasets.CSS_DATA_FILE)):
+        return
+    import make_css_dataset
+    print(f'No dataset in {opt.dataset_path}: generating synthetic CSS data there (make_css_dataset.py)')
+    make_css_dataset.generate_css_dataset(opt.dataset_path)
+
+
+DATASET_CLASSES = {
+    'css3d': ('datasets', 'CSSDataset'),
+    'fashion200k': ('datasets', 'Fashion200k'),
+    'mitstates': ('datasets', 'MITStates'),
+    'fashioniq': ('fashioniq', 'FashionIQ'),
+    'cirr': ('cirr', 'CIRR'),
+}
+
+
+def dataset_options(opt):
+    """Constructor arguments beyond (path, split, transform), from the flags (main.py's defaults
+    where `opt` lacks one, as retrieve.py's options do)."""
+    def flag(name, default):
+        return getattr(opt, name, default)
+    if opt.dataset == 'css3d':
+        return {}
+    options = {'fast_decode': flag('fast_decode', False)}
+    if opt.dataset == 'fashion200k':
+        order = flag('f200k_label_order', None)
+        options['label_order'] = order.split(',') if order else None
+    elif opt.dataset == 'fashioniq':
+        category = flag('fiq_category', 'all')
+        options.update(categories=['dress', 'shirt', 'toptee'] if category == 'all' else [category],
+                       protocol=flag('fiq_protocol', 'split'),
+                       skip_missing_images=flag('skip_missing_images', False))
+    elif opt.dataset == 'cirr':
+        options['skip_missing_images'] = flag('skip_missing_images', False)
+    return options
+
+
+def load_dataset(opt, test_split='test'):
+    """(train split, `test_split`) of --dataset at --dataset_path."""
+    if not os.path.isdir(opt.dataset_path):
+        raise UserError(f'--dataset_path={opt.dataset_path}: no such folder')
+    print('Reading dataset', opt.dataset)
+    module_name, class_name = DATASET_CLASSES[opt.dataset]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    transform = datasets.css_transform() if opt.dataset == 'css3d' else datasets.photo_transform()
+    options = dataset_options(opt)
+    trainset = cls(opt.dataset_path, 'train', transform, **options)
+    testset = cls(opt.dataset_path, test_split, transform, **options)
+    for dataset in (trainset, testset):
+        print('  ' + dataset.summary())
+    return trainset, testset
+
+
+def create_model(opt, texts, vocab=None):
+    weights = {'imagenet': True, 'none': False}.get(opt.img_weights, opt.img_weights)
+    print('Creating model', opt.model)
+    try:
+        model = img_text_composition_models.MODELS[opt.model](
+            texts, opt.embed_dim, pretrained=weights, vocab=vocab)
+    except img_text_composition_models.WeightsUnavailableError as e:
+        raise UserError(str(e)) from None
+    return model
+
+
+def adopt_checkpoint_architecture(opt, ckpt):
+    """Take --model and --embed_dim from the checkpoint's options unless given on the command line."""
+    saved = ckpt.get('opt')
+    for name in ('model', 'embed_dim'):
+        if name not in opt.explicit_flags and hasattr(saved, name):
+            setattr(opt, name, getattr(saved, name))
+
+
+def build_vocabulary(opt, ckpt, path, trainset):
+    """The checkpoint's own vocabulary, else one built from the training texts.  Released
+    checkpoints carry none and were trained with first-seen numbering (SPEC 7); a wrong order
+    loads silently and scores near chance, so the run says which order it used."""
+    if ckpt is not None and 'vocab' in ckpt:
+        if 'vocab_order' in getattr(opt, 'explicit_flags', ()):
+            print(f'Note: {path} carries its vocabulary; --vocab_order is ignored')
+        return text_model.SimpleVocab(ckpt['vocab'])
+    texts = trainset.get_all_texts()
+    given = getattr(opt, 'vocab_order', None)
+    if ckpt is None:
+        return text_model.SimpleVocab.from_texts(texts, given or 'sorted')
+    order = given or 'first_seen'
+    vocab = text_model.SimpleVocab.from_texts(texts, order)
+    rows = ckpt['model_state_dict'].get('text_model.embedding_layer.weight')
+    if rows is not None and rows.shape[0] != vocab.get_size():
+        raise UserError(
+            f'{path}: its word embedding has {rows.shape[0]} words, but the vocabulary built from '
+            f'the {len(texts)} {opt.dataset} training texts in {opt.dataset_path} has '
+            f'{vocab.get_size()}; the checkpoint carries no vocabulary, so evaluate it with the '
+            f'exact training data it was trained on')
+    other = 'sorted' if order == 'first_seen' else 'first_seen'
+    print(f'{path} carries no vocabulary: numbered the {vocab.get_size()} words of the training '
+          f'texts in {order} order; if recall looks like chance, try --vocab_order={other}')
+    return vocab
+
+
+def model_name(model):
+    return {cls: name for name, cls in img_text_composition_models.MODELS.items()}[type(model)]
+
+
+def load_model_weights(model, ckpt, path):
+    mismatch = checkpoints.describe_state_dict_mismatch(model, ckpt['model_state_dict'])
+    if mismatch:
+        saved = ckpt.get('opt')
+        hint = (f' (it was trained with --model={saved.model} --embed_dim={saved.embed_dim})'
+                if hasattr(saved, 'model') and hasattr(saved, 'embed_dim') else '')
+        raise UserError(f'{path}: does not fit --model={model_name(model)}: {mismatch}{hint}')
+    model.load_state_dict(ckpt['model_state_dict'], strict=True)
