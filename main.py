@@ -230,16 +230,19 @@ def train_one_iteration(opt, model, optimizer, batch, device):
 
 class InterruptFlag:
     """First Ctrl-C or SIGTERM (sent by torchrun and cluster schedulers before they kill): finish
-    the iteration, save and exit.  The same signal again: abort at once.  (A Ctrl-C under torchrun
-    reaches a worker twice, as SIGINT and then as torchrun's SIGTERM: that is still one request.)
+    the iteration, save and exit.  Another signal later than REPEAT_WINDOW seconds: abort at once.
+    Signals within the window are one request: under torchrun, or SLURM, a worker receives the
+    same request twice at once (from the terminal or scheduler, and forwarded by torchrun).
 
     Inside `interruptible()` (a retrieval test, which changes no state and may take minutes) the
     first signal stops at once with KeyboardInterrupt, and the caller saves."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_WINDOW = 1.0
 
     def __init__(self):
         self.received = []
+        self.first_time = None
         self.immediate = False
         self.aborted = False
 
@@ -267,14 +270,18 @@ class InterruptFlag:
             self.immediate = False
 
     def _handle(self, signum, frame):
-        self.aborted = signum in self.received
-        self.received.append(signum)
-        if self.aborted or self.immediate:
-            raise KeyboardInterrupt
-        if len(self.received) == 1:
+        now = time.monotonic()
+        if self.first_time is None:
+            self.first_time = now
+            self.received.append(signum)
             name = 'Interrupted' if signum == signal.SIGINT else 'Terminated (SIGTERM)'
             print(f'\n{name}: finishing this iteration, then saving (Ctrl-C again to abort)',
                   file=sys.stderr, flush=True)
+            if self.immediate:
+                raise KeyboardInterrupt
+        elif now - self.first_time > self.REPEAT_WINDOW:
+            self.aborted = True
+            raise KeyboardInterrupt
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -321,3 +321,42 @@ def test_more_workers_than_cpus_is_capped_with_one_line_and_no_warning(css_root,
     cpus = len(os.sched_getaffinity(0))
     assert result.stdout.count(f'Using {cpus} DataLoader workers') == 1
     assert 'Warning' not in result.stderr and 'warn' not in result.stderr.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM (cluster schedulers, torchrun) is handled like the first Ctrl-C (issue 10).
+
+def wait_for_checkpoint(run_dir_glob, deadline):
+    while time.time() < deadline:
+        found = glob.glob(os.path.join(run_dir_glob, 'latest_checkpoint.pth'))
+        if found:
+            try:
+                if checkpoints.load(found[0])['it'] > 0:
+                    return found[0]
+            except checkpoints.CheckpointError:
+                pass  # being replaced right now
+        time.sleep(0.2)
+    raise AssertionError('no checkpoint with it > 0 in time')
+
+
+def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp_path):
+    import signal
+    args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
+        f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_term', '--seed=4']
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    wait_for_checkpoint(os.path.join(str(tmp_path), 'runs', '*_term'), time.time() + 120)
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - sent < 30  # torchrun's default grace period
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert 'Traceback' not in stderr and 'SIGTERM' in stderr
+    (run_dir,) = run_folders(tmp_path, '_term')
+    path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    it = checkpoints.load(path)['it']
+    assert it > 0 and f'--resume={path}' in stderr
+    result = run_main([f'--resume={path}', f'--num_iters={it + 4}'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert checkpoints.load(path)['it'] == it + 4
