@@ -120,6 +120,25 @@ def create_model(opt, texts, vocab=None):
     return model
 
 
+def adopt_checkpoint_dataset(opt, ckpt, path):
+    """--dataset, --dataset_path (and the dataset's own flags) from the checkpoint's options unless
+    given.  A dataset folder that is not here is an error, never another dataset in its place."""
+    saved = ckpt.get('opt')
+    if 'dataset' in opt.explicit_flags or not hasattr(saved, 'dataset'):
+        return
+    if 'dataset_path' in opt.explicit_flags:
+        opt.dataset = saved.dataset
+        return
+    saved_path = getattr(saved, 'dataset_path', None)
+    if not saved_path or not os.path.isdir(saved_path):
+        raise UserError(f'{path}: its dataset folder {saved_path!r} is not here; give '
+                        f'--dataset_path=DIR (and --dataset)')
+    opt.dataset, opt.dataset_path = saved.dataset, os.path.abspath(saved_path)
+    for name in ('fiq_category', 'f200k_label_order'):
+        if name not in opt.explicit_flags and hasattr(saved, name):
+            setattr(opt, name, getattr(saved, name))
+
+
 def adopt_checkpoint_architecture(opt, ckpt):
     """Take --model and --embed_dim from the checkpoint's options unless given on the command line."""
     saved = ckpt.get('opt')

@@ -29,8 +29,9 @@ import img_text_composition_models
 import test_retrieval
 import text_model
 from experiment import (DEFAULT_DATASET_PATH, UserError, adopt_checkpoint_architecture,  # noqa: F401
-                        build_vocabulary, create_model, ensure_default_dataset, load_dataset, load_model_weights,
-                        seed_everything, select_device)
+                        adopt_checkpoint_dataset, build_vocabulary, create_model,
+                        ensure_default_dataset, load_dataset, load_model_weights, seed_everything,
+                        select_device)
 
 # What the best checkpoint tracks, per dataset (SPEC 2.4, 2.5; recall@1 for the reference's three).
 TRACKED_METRICS = {'fashioniq': 'test recall_mean', 'cirr': 'test recall_avg'}
@@ -719,6 +720,7 @@ def prepare_options(opt):
     init_ckpt, init_path = resume_ckpt, opt.resume
     if init_ckpt is None and opt.checkpoint:
         init_ckpt, init_path = checkpoints.load(opt.checkpoint), opt.checkpoint
+        adopt_checkpoint_dataset(opt, init_ckpt, init_path)
     if init_ckpt is None:
         check_img_weights(opt)
     return opt, resume_ckpt, init_ckpt, init_path

@@ -1,0 +1,93 @@
+"""main.py under torchrun with 2 gloo processes on CPU: one experiment, one run folder, the same
+recalls as a single process, SIGTERM and resume (issue 10, SPEC 9)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY, run_main
+
+import checkpoints
+
+MAIN = os.path.join(REPO, 'main.py')
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def torchrun(*args):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+            MAIN] + list(args)
+
+
+def run_folders(cwd):
+    return sorted(glob.glob(os.path.join(str(cwd), 'runs', '*')))
+
+
+def test_two_processes_train_one_experiment_and_test_only_gives_the_same_recalls(css_root, tmp_path):
+    flags = ['--dataset=css3d', f'--dataset_path={css_root}', '--num_iters=12', '--batch_size=8',
+             '--loader_num_workers=0', '--img_weights=none', '--embed_dim=16', '--seed=1']
+    result = subprocess.run(torchrun(*flags), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_folders(tmp_path)
+    ckpt_path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    assert checkpoints.load(ckpt_path)['it'] == 12
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    # 36 training images, global batch 8: 4 iterations an epoch, a test at epoch 1 and at the end.
+    assert [l['it'] for l in lines] == [4, 12]
+    # Only the first process prints: each line once.
+    assert result.stdout.count('Run folder:') == 1
+    assert result.stdout.count('Finished training at iteration 12') == 1
+
+    single = run_main(['--test_only', f'--checkpoint={ckpt_path}', '--loader_num_workers=0',
+                       '--batch_size=8', '--comment=_single'], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    (eval_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_single'))
+    tested = json.load(open(os.path.join(eval_dir, 'test_results.json')))['metrics']
+    final = {k: v for k, v in lines[-1].items() if k.startswith('test ')}
+    assert tested.keys() == final.keys() and len(final) == 5
+    for name, value in final.items():
+        assert tested[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_batch_size_must_divide_by_the_processes(css_root, tmp_path):
+    result = subprocess.run(torchrun(*TINY, f'--dataset_path={css_root}', '--batch_size=5',
+                                     '--num_iters=2'),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode != 0
+    assert 'main.py: error: --batch_size=5: the global batch must divide by the 2 processes' in result.stderr
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_sigterm_to_torchrun_saves_and_torchrun_resumes(css_root, tmp_path):
+    flags = TINY + [f'--dataset_path={css_root}', '--seed=6', '--batch_size=8']
+    proc = subprocess.Popen(torchrun(*flags, '--num_iters=100000'), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 180
+    path = None
+    while time.time() < deadline and path is None:
+        found = glob.glob(os.path.join(str(tmp_path), 'runs', '*', 'latest_checkpoint.pth'))
+        if found:
+            try:
+                path = found[0] if checkpoints.load(found[0])['it'] > 0 else None
+            except checkpoints.CheckpointError:
+                pass
+        time.sleep(0.2)
+    assert path is not None
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - sent < 30, stderr[-3000:]  # within torchrun's grace period
+    it = checkpoints.load(path)['it']
+    assert it > 0 and f'--resume={path}' in stderr, stderr[-3000:]
+    assert 'Traceback' not in stderr.split('Saved')[0]
+    result = subprocess.run(torchrun(*flags, f'--resume={path}', f'--num_iters={it + 4}'),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints.load(path)['it'] == it + 4
+    assert len(run_folders(tmp_path)) == 1
