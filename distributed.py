@@ -79,3 +79,14 @@ def any_process(flag, device):
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def broadcast_buffers(model):
+    """The first process's BatchNorm running statistics on every process: each process updated
+    its own during training (from its slice of the batch), and the checkpoint holds the first's,
+    so a sharded evaluation must use those to equal a single-process test of the checkpoint."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

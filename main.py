@@ -468,6 +468,7 @@ def evaluate_split(opt, model, dataset, features=None):
 
 def evaluate(opt, model, named_sets, logger, it, epoch, run_dir):
     """Every process computes (its share of the features); the first one logs."""
+    distributed.broadcast_buffers(model)
     metrics = {}
     for split, dataset in named_sets:
         show_examples = (split == 'test' and opt.dataset in ('css3d', 'fashion200k', 'mitstates')
