@@ -23,6 +23,10 @@ Sections (one line per figure: both timings and their ratio):
   data       images per second of the Fashion200k image pipeline (datasets.open_photo, then
              datasets.photo_transform: Resize(224), CenterCrop(224), ToTensor, Normalize) on
              generated JPEGs, with 0 and N DataLoader workers, fast decode off and on.
+  memory     peak resident memory of a train-split evaluation (test_retrieval.test on an MIT-States
+             tree at 224 px, --memory_counts sampled examples, a stand-in model that costs nothing
+             per image) against the plain way (a list of the examples with their images, then
+             their features), each in a forked process (Linux: exact start and peak).
 
 Timings are wall-clock (time.perf_counter), after warm-up, medians of repeats where cheap; on
 CUDA the device is synchronised around every timed region.  Machines shared with other work give
@@ -643,10 +647,153 @@ def bench_data(args, tmp):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Memory of a train-split evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _resident_kb(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise OSError(f'/proc/self/status has no {field}')
+
+
+def _fix_malloc_mmap_threshold():
+    """glibc raises its mmap threshold after each large block freed, so that later image-sized
+    blocks come from the heap, whose holes can grow it by ~1 MB a batch with 0 workers (a real
+    ResNet's larger activations break that pattern; it is not memory held).  A fixed threshold
+    (glibc's initial 128 KB) makes the figure measure what the code holds."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _measure_in_child(fn, conn):
+    import resource
+    torch.set_num_threads(1)  # as DataLoader workers do after a fork
+    _fix_malloc_mmap_threshold()
+    try:
+        try:  # Linux: reset the high-water mark to the current resident size
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            start_kb = _resident_kb('VmRSS')
+        except OSError:
+            start_kb = None
+        fn()
+        if start_kb is not None:
+            start, peak = start_kb * 1024, _resident_kb('VmHWM') * 1024
+        else:  # inherited from the parent's peak: an upper bound of the start
+            scale = 1 if sys.platform == 'darwin' else 1024
+            start, peak = None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        conn.send({'start_bytes': start, 'peak_bytes': peak})
+    except BaseException as e:  # noqa: B036 - reported to the parent, which raises
+        conn.send({'error': f'{type(e).__name__}: {e}'})
+    finally:
+        conn.close()
+
+
+def peak_memory(fn):
+    """{'start_bytes', 'peak_bytes'}: resident memory of a forked child at the start of fn() and
+    at its peak while fn() runs; the parent's own memory is left as it was."""
+    import multiprocessing
+    context = multiprocessing.get_context('fork')
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_in_child, args=(fn, send))
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = {'error': 'the measuring process died (out of memory?)'}
+    child.join()
+    if 'error' in result:
+        raise RuntimeError(f'peak_memory: {result["error"]}')
+    return result
+
+
+class PooledImageModel(torch.nn.Module):
+    """A stand-in for the composition model that costs next to nothing per image (4x4 average
+    pool, one projection; texts hashed to fixed vectors), so that images dominate memory."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.projection = torch.nn.Parameter(torch.randn(48, dim, generator=g))
+
+    def extract_img_feature(self, imgs):
+        return torch.nn.functional.adaptive_avg_pool2d(imgs, 4).flatten(1) @ self.projection
+
+    def compose_img_text(self, imgs, texts):
+        import zlib
+        text = torch.stack([torch.randn(self.projection.shape[1], generator=torch.Generator()
+                                        .manual_seed(zlib.crc32(t.encode()))) for t in texts])
+        return self.extract_img_feature(imgs) + text.to(imgs.device)
+
+
+def write_mitstates_tree(root, images_per_folder, seed):
+    """Two train nouns with two adjectives each, plus a test noun: MIT-States' layout."""
+    for i, folder in enumerate(['ripe apple', 'sliced apple', 'small cake', 'whole cake',
+                                'ripe fig', 'dried fig']):
+        write_jpegs(os.path.join(root, 'images', folder), images_per_folder, 256, 256, seed + i)
+    return root
+
+
+def plain_example_features(model, dataset, count, batch_size):
+    """Before issue 9: every sampled example, with its two image tensors, in one list, then the
+    features (the same examples: seeds and sampler state as test_retrieval's sample)."""
+    import random
+    dataset.reset_sampler_state()
+    random.seed(test_retrieval.SAMPLE_SEED)
+    np.random.seed(test_retrieval.SAMPLE_SEED)
+    torch.manual_seed(test_retrieval.SAMPLE_SEED)
+    examples = [dataset[i] for i in range(count)]
+    with torch.inference_mode():
+        for start in range(0, count, batch_size):
+            batch = examples[start:start + batch_size]
+            model.compose_img_text(torch.stack([e['source_img_data'] for e in batch]),
+                                   [e['mod']['str'] for e in batch])
+            model.extract_img_feature(torch.stack([e['target_img_data'] for e in batch]))
+    return examples
+
+
+def bench_memory(args, tmp):
+    root = write_mitstates_tree(os.path.join(tmp, 'mitstates'), 4, args.seed)
+    trainset = datasets.MITStates(root, 'train', transform=datasets.photo_transform())
+    model = PooledImageModel()
+    opt = argparse.Namespace(dataset='mitstates', batch_size=32, loader_num_workers=0)
+
+    def ours(count):
+        test_retrieval.NUM_SAMPLED_TRAIN_EXAMPLES = count  # in the child only
+        test_retrieval.test(opt, model, trainset)
+
+    mb = 2 ** 20
+    lines, result = [], {'counts': args.memory_counts, 'image_bytes': 3 * 224 * 224 * 4}
+    for count in args.memory_counts:
+        mine = peak_memory(lambda: ours(count))
+        plain = peak_memory(lambda: plain_example_features(model, trainset, count, 32))
+        grow = {name: None if m['start_bytes'] is None else (m['peak_bytes'] - m['start_bytes']) / mb
+                for name, m in (('ours', mine), ('plain', plain))}
+        growth = ('' if grow['ours'] is None else
+                  f' (+{grow["ours"]:.0f} MB vs +{grow["plain"]:.0f} MB over the start)')
+        lines.append(f'memory train-split evaluation, MIT-States 224 px, {count} sampled examples: '
+                     f'peak ours {mine["peak_bytes"] / mb:.0f} MB, plain list of examples '
+                     f'{plain["peak_bytes"] / mb:.0f} MB{growth}, plain/ours '
+                     f'{plain["peak_bytes"] / mine["peak_bytes"]:.2f}x')
+        result[str(count)] = {'ours_peak_mb': mine['peak_bytes'] / mb, 'plain_peak_mb':
+                              plain['peak_bytes'] / mb, 'ours_growth_mb': grow['ours'],
+                              'plain_growth_mb': grow['plain']}
+    return lines, result
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-SECTIONS = ('retrieval', 'loss', 'train', 'data')
+SECTIONS = ('retrieval', 'loss', 'train', 'data', 'memory')
 
 
 def parse_size(text):
@@ -669,6 +816,16 @@ def parse_batches(text):
     return sizes
 
 
+def parse_counts(text):
+    try:
+        counts = [int(v) for v in text.split(',')]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected positive counts, e.g. 300,3000')
+    return counts
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description='Benchmark this TIRG implementation against the '
                                             "reference's algorithms.",
@@ -689,6 +846,8 @@ def get_args_parser():
                    help='data: generated JPEG size, WIDTHxHEIGHT')
     p.add_argument('--data_images', type=int, default=48, help='data: JPEG files generated')
     p.add_argument('--data_passes', type=int, default=2, help='data: timed passes over them')
+    p.add_argument('--memory_counts', type=parse_counts, default='300,3000',
+                   help='memory: comma-separated numbers of sampled training examples')
     p.add_argument('--threads', type=int, default=0,
                    help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS); "
                         'on a machine shared with other work, 1 avoids OpenMP threads thrashing')
@@ -705,7 +864,7 @@ def get_args_parser():
 
 QUICK = {'queries': 200, 'gallery': 2000, 'dim': 64, 'repeats': 1, 'loss_repeats': 10,
          'batch_size': 4, 'iters': 2, 'warmup': 1, 'image_size': (320, 240), 'data_images': 8,
-         'data_passes': 1}
+         'data_passes': 1, 'memory_counts': [20, 200]}
 
 
 def parse_args(argv=None):
@@ -772,6 +931,8 @@ def run(args):
                 lines, result = bench_loss(args, device)
             elif section == 'train':
                 lines, result = bench_train(args, device, tmp)
+            elif section == 'memory':
+                lines, result = bench_memory(args, tmp)
             else:
                 lines, result = bench_data(args, tmp)
             result['section_wall_s'] = time.perf_counter() - start

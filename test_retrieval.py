@@ -5,6 +5,7 @@ features are computed once under inference mode, and scores and top-k run in tor
 device, a chunk of queries at a time so memory stays bounded.  Results equal the per-query
 implementation (tests/test_test_retrieval.py checks it).
 """
+import contextlib
 import os
 import random
 
@@ -15,8 +16,16 @@ from tqdm import tqdm
 import datasets
 
 RECALL_KS = (1, 5, 10, 50, 100)
-# SPEC 6: 10,000.  TIRG_NUM_SAMPLED_TRAIN_EXAMPLES lowers it for tests on tiny fixtures.
-NUM_SAMPLED_TRAIN_EXAMPLES = int(os.environ.get('TIRG_NUM_SAMPLED_TRAIN_EXAMPLES', 10000))
+
+
+def num_sampled_train_examples(environ):
+    """SPEC 6: 10,000.  TIRG_NUM_SAMPLED_TRAIN_EXAMPLES lowers it for tests on tiny fixtures."""
+    return int(environ.get('TIRG_NUM_SAMPLED_TRAIN_EXAMPLES', 10000))
+
+
+NUM_SAMPLED_TRAIN_EXAMPLES = num_sampled_train_examples(os.environ)
+# Every generator is seeded with this before the sample, so each evaluation draws the same examples.
+SAMPLE_SEED = 0
 # Score given to a query's own source image, as in the reference (it stays in the ranking, last).
 SOURCE_IMAGE_SCORE = -10e10
 # Upper bound on the number of query x gallery scores held at once (float32: 4 bytes each).
@@ -72,39 +81,96 @@ def compute_gallery_features(model, dataset, batch_size, num_workers=0, ids=None
 
 
 @torch.inference_mode()
-def compute_example_features(model, examples, batch_size):
-    """Query and target features of training examples (splits without test queries)."""
-    device = model_device(model)
-    queries, targets = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        sources = torch.stack([torch.as_tensor(e['source_img_data']) for e in batch]).float()
-        target_imgs = torch.stack([torch.as_tensor(e['target_img_data']) for e in batch]).float()
-        texts = [e['mod']['str'] for e in batch]
-        queries.append(model.compose_img_text(sources.to(device), texts).float())
-        targets.append(model.extract_img_feature(target_imgs.to(device)).float())
-    return torch.cat(queries), torch.cat(targets)
+def compute_example_features(model, dataset, examples, batch_size, num_workers=0):
+    """Query and target features of sampled training examples (splits without test queries),
+    read by image id through the same batched paths as the test queries: only the features are
+    kept, so memory does not grow with the number of examples."""
+    queries = compute_query_features(model, dataset, examples, batch_size, num_workers)
+    targets = compute_gallery_features(model, dataset, batch_size, num_workers,
+                                       ids=[e['target_img_id'] for e in examples])
+    return queries, targets
 
 
-def sample_training_examples(dataset, count=None, seed=0):
-    """The same `count` (default NUM_SAMPLED_TRAIN_EXAMPLES) examples at every evaluation; the
-    global generators that training draws from are left exactly as they were."""
-    count = NUM_SAMPLED_TRAIN_EXAMPLES if count is None else count
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+@contextlib.contextmanager
+def _image_reading(dataset, read):
+    """The datasets read images through `self.get_img`; an instance attribute shadows it so that
+    drawing an example decodes nothing (or decodes and drops the image, to find unreadable
+    ones).  Reading draws no random number, so the same examples are drawn either way."""
+    missing = object()
+    own = vars(dataset).get('get_img', missing)
+    real = dataset.get_img
+
+    def get_img(idx, *args, **kwargs):
+        if read:
+            real(idx)
+        return None
+
+    dataset.get_img = get_img
+    try:
+        yield
+    finally:
+        if own is missing:
+            del dataset.get_img
+        else:
+            dataset.get_img = own
+
+
+@contextlib.contextmanager
+def _training_streams_kept(dataset):
+    """Whatever the sample draws, training continues with the generators and the dataset's
+    sampler state it had: Python, numpy, torch on the CPU and on every accelerator."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    # Only CUDA devices already in use: querying the others would create a context on each.
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
     # Stateful samplers (a pending pair) start fresh and resume afterwards.  Any object with the
     # dataset API works; these hooks are optional.
     sampler_state = getattr(dataset, 'get_sampler_state', dict)()
-    getattr(dataset, 'reset_sampler_state', lambda: None)()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices, device_type='cuda'))
+        if mps:
+            stack.enter_context(torch.random.fork_rng(devices=['mps'], device_type='mps'))
+        try:
+            yield
+        finally:
+            getattr(dataset, 'set_sampler_state', lambda state: None)(sampler_state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def draw_training_examples(dataset, count, seed=SAMPLE_SEED, read_images=False):
+    """`count` training examples drawn with every generator seeded with `seed`, without their
+    images: source and target ids, text, captions."""
+    with _training_streams_kept(dataset):
+        getattr(dataset, 'reset_sampler_state', lambda: None)()
+        random.seed(seed)
+        np.random.seed(seed)
+        # The CPU generator only: torch.manual_seed would also reseed CUDA and MPS.
+        torch.default_generator.manual_seed(seed)
+        with _image_reading(dataset, read_images):
+            examples = [dataset[i] for i in range(count)]
+    return [{key: value for key, value in e.items() if not key.endswith('_img_data')}
+            for e in examples]
+
+
+def sample_training_examples(dataset, count=None, seed=SAMPLE_SEED):
+    """The same `count` (default NUM_SAMPLED_TRAIN_EXAMPLES) examples at every evaluation, as
+    descriptors (no images); the generators and sampler state that training draws from are left
+    exactly as they were."""
+    count = NUM_SAMPLED_TRAIN_EXAMPLES if count is None else count
+    return draw_training_examples(dataset, count, seed)
+
+
+def training_example_features(model, dataset, batch_size, num_workers):
+    """(examples, query features, target features) of the sampled training examples."""
+    examples = sample_training_examples(dataset)
     try:
-        return [dataset[i] for i in range(count)]
-    finally:
-        getattr(dataset, 'set_sampler_state', lambda state: None)(sampler_state)
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        return (examples,) + compute_example_features(model, dataset, examples, batch_size, num_workers)
+    except datasets.ImageReadError:
+        # Training draws another example when an image cannot be read, and so did the
+        # reference's sample, which read images while drawing: draw again, reading them.
+        examples = draw_training_examples(dataset, len(examples), read_images=True)
+        return (examples,) + compute_example_features(model, dataset, examples, batch_size, num_workers)
 
 
 def nearest_neighbours(queries, gallery, exclude=None, k=110):
@@ -184,8 +250,8 @@ def test(opt, model, testset, features=None):
             exclude = torch.tensor([q['source_img_id'] for q in queries],
                                    device=query_features.device)
         else:
-            examples = sample_training_examples(testset)
-            query_features, gallery_features = compute_example_features(model, examples, batch_size)
+            examples, query_features, gallery_features = training_example_features(
+                model, testset, batch_size, num_workers)
             gallery_captions = target_captions = [e['target_caption'] for e in examples]
             exclude = None
         query_features = torch.nn.functional.normalize(query_features, dim=1)

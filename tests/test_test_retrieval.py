@@ -1,5 +1,6 @@
 """The retrieval test (SPEC section 6) against a per-query numpy implementation of the reference."""
 import argparse
+import os
 import random
 import zlib
 
@@ -7,6 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from test_fashion200k import write_fashion_fixture
+from test_mitstates import write_mitstates_fixture
+
+import bench
+import datasets
 import test_retrieval
 
 KS = (1, 5, 10, 50, 100)
@@ -383,6 +389,23 @@ def _same_rng_states(a, b):
             and torch.equal(a[2], b[2]))
 
 
+def examples_drawn_with_images(dataset, count, seed=test_retrieval.SAMPLE_SEED):
+    """What the sample stands for: the reference's examples, drawn with their images by the
+    dataset itself from a fresh sampler, every generator seeded."""
+    getattr(dataset, 'reset_sampler_state', lambda: None)()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    examples = [dataset[i] for i in range(count)]
+    assert all(torch.is_tensor(e['source_img_data']) for e in examples)
+    return examples
+
+
+def descriptors(examples):
+    return [(e['source_img_id'], e['target_img_id'], e['mod']['str'], e['target_caption'])
+            for e in examples]
+
+
 @pytest.mark.parametrize('dataset_name', ['fashion200k', 'mitstates'])
 def test_split_without_queries_matches_reference_on_the_same_examples(monkeypatch, dataset_name):
     _use_num_examples(monkeypatch, NUM_EXAMPLES)
@@ -391,13 +414,13 @@ def test_split_without_queries_matches_reference_on_the_same_examples(monkeypatc
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
-    before = _rng_states()
     got = test_retrieval.test(opt, model, dataset)
-    assert _same_rng_states(before, _rng_states())  # training's generators untouched
-    examples = list(dataset.drawn)
-    assert len(examples) == NUM_EXAMPLES
-    assert len({(e['source_img_id'], e['target_img_id']) for e in examples}) > NUM_EXAMPLES // 2
+    sampled = list(dataset.drawn)
+    assert all(e['source_img_data'] is None for e in sampled)  # drawn without decoding images
 
+    examples = examples_drawn_with_images(dataset, NUM_EXAMPLES)
+    assert descriptors(sampled) == descriptors(examples)
+    assert len({(e['source_img_id'], e['target_img_id']) for e in examples}) > NUM_EXAMPLES // 2
     expected = reference_test(opt, model, dataset, examples=examples)
     assert_same_metrics(got, expected)
     values = [v for _, v in got]
@@ -410,8 +433,58 @@ def test_split_without_queries_matches_reference_on_the_same_examples(monkeypatc
     torch.manual_seed(7)
     again = test_retrieval.test(opt, model, dataset)
     assert again == got
-    assert [(e['source_img_id'], e['target_img_id'], e['mod']['str']) for e in dataset.drawn] == \
-        [(e['source_img_id'], e['target_img_id'], e['mod']['str']) for e in examples]
+    assert descriptors(dataset.drawn) == descriptors(examples)
+
+
+def test_training_generators_are_left_as_they_were(monkeypatch):
+    """Issue 9.2: the sample seeds every generator; Python's, numpy's and torch's CPU streams
+    continue afterwards exactly where training left them."""
+    _use_num_examples(monkeypatch, 50)
+    dataset, model = make_training_problem(adj_noun=False, num_imgs=30)
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    before = _rng_states()
+    test_retrieval.test(options('fashion200k'), model, dataset)
+    assert _same_rng_states(before, _rng_states())
+    assert len(dataset.drawn) == 50
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_generators_are_left_as_they_were(monkeypatch):
+    """Issue 9.2: torch.manual_seed would also reseed every CUDA generator, so that dropout and
+    triplet negatives drawn on the GPU replayed one sequence after each evaluation."""
+    _use_num_examples(monkeypatch, 50)
+    dataset, model = make_training_problem(adj_noun=False, num_imgs=30)
+    torch.cuda.manual_seed_all(123)
+    torch.rand(3, device='cuda')  # a state that no seed gives
+    before = torch.cuda.get_rng_state_all()
+    test_retrieval.test(options('fashion200k'), model, dataset)
+    after = torch.cuda.get_rng_state_all()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_the_dataset_reads_images_again_after_the_sample_even_on_error():
+    dataset, _ = make_training_problem(adj_noun=False, num_imgs=30)
+
+    class Failing(type(dataset)):
+        def __getitem__(self, i):
+            if i == 3:
+                raise RuntimeError('sampler broke')
+            return super().__getitem__(i)
+
+    dataset.__class__ = Failing
+    with pytest.raises(RuntimeError, match='sampler broke'):
+        test_retrieval.sample_training_examples(dataset, 10)
+    assert 'get_img' not in vars(dataset)
+    assert torch.equal(dataset.get_img(5), image_tensor(5))
+
+    def own(idx, raw_img=False):  # an instance's own get_img is put back, not deleted
+        return image_tensor(idx + 1)
+
+    dataset.get_img = own
+    assert len(test_retrieval.sample_training_examples(dataset, 3)) == 3
+    assert dataset.get_img is own
 
 
 def test_split_without_queries_has_no_source_removal(monkeypatch):
@@ -423,8 +496,8 @@ def test_split_without_queries_has_no_source_removal(monkeypatch):
     class SameImageDataset(TrainingExamplesDataset):
         def __getitem__(self, i):
             source = int(np.random.randint(len(self.imgs)))
-            example = {'source_img_id': source, 'source_img_data': image_tensor(source),
-                       'target_img_id': source, 'target_img_data': image_tensor(source),
+            example = {'source_img_id': source, 'source_img_data': self.get_img(source),
+                       'target_img_id': source, 'target_img_data': self.get_img(source),
                        'target_caption': self.imgs[source]['captions'][0], 'mod': {'str': 'same'}}
             self.drawn.append(example)
             return example
@@ -445,5 +518,79 @@ def test_num_sampled_train_examples_constant_is_honoured(monkeypatch):
     assert len(dataset.drawn) == 40
 
 
-def test_default_number_of_sampled_training_examples_is_10000():
-    assert test_retrieval.NUM_SAMPLED_TRAIN_EXAMPLES == 10000
+def test_number_of_sampled_training_examples_is_10000_unless_the_environment_says():
+    assert test_retrieval.num_sampled_train_examples({}) == 10000
+    assert test_retrieval.num_sampled_train_examples({'TIRG_NUM_SAMPLED_TRAIN_EXAMPLES': '37'}) == 37
+    # The module's value follows this process's environment, whatever it is.
+    assert test_retrieval.NUM_SAMPLED_TRAIN_EXAMPLES == test_retrieval.num_sampled_train_examples(os.environ)
+
+
+# --------------------------------------------------------------------------------------------
+# The same on real datasets: images read by id, unreadable ones, memory
+# --------------------------------------------------------------------------------------------
+
+def real_training_set(name, tmp_path):
+    if name == 'mitstates':
+        return datasets.MITStates(write_mitstates_fixture(str(tmp_path / name)), 'train',
+                                  transform=datasets.photo_transform())
+    return datasets.Fashion200k(write_fashion_fixture(str(tmp_path / name)), 'train',
+                                transform=datasets.photo_transform())
+
+
+@pytest.mark.parametrize('name', ['fashion200k', 'mitstates'])
+def test_real_training_split_matches_reference_on_examples_drawn_with_images(monkeypatch, tmp_path, name):
+    """Their samplers draw the same examples whether images are decoded or not, and features
+    read by image id equal those of the images drawn with each example."""
+    _use_num_examples(monkeypatch, 40)
+    dataset = real_training_set(name, tmp_path)
+    model = bench.PooledImageModel()
+    opt = options(name, batch_size=8)
+    if name == 'mitstates':
+        dataset[0]  # a pending pair, which the sample must neither use nor lose
+    pending = dataset.get_sampler_state()
+    got = test_retrieval.test(opt, model, dataset)
+    assert dataset.get_sampler_state() == pending
+    examples = examples_drawn_with_images(dataset, 40)
+    assert descriptors(test_retrieval.sample_training_examples(dataset, 40)) == descriptors(examples)
+    assert_same_metrics(got, reference_test(opt, model, dataset, examples=examples))
+
+
+def test_unreadable_training_image_is_redrawn_as_in_the_reference(monkeypatch, tmp_path, capsys):
+    """Drawing with images, the sampler skips an unreadable one; the sample does the same."""
+    _use_num_examples(monkeypatch, 40)
+    dataset = real_training_set('mitstates', tmp_path)
+    bad_id = 0
+    bad = dataset.imgs[bad_id]['file_path']
+    with open(bad, 'wb') as f:
+        f.write(b'\xff\xd8\xff\xe0 not a JPEG')
+    model = bench.PooledImageModel()
+    opt = options('mitstates', batch_size=8)
+    got = test_retrieval.test(opt, model, dataset)
+    examples = examples_drawn_with_images(dataset, 40)
+    assert all(bad_id not in (e['source_img_id'], e['target_img_id']) for e in examples)
+    assert_same_metrics(got, reference_test(opt, model, dataset, examples=examples))
+    assert capsys.readouterr().err.count(bad) == 1
+
+
+MEMORY_COUNTS = (60, 600)
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='Linux peak-memory reset')
+def test_memory_does_not_grow_with_the_number_of_sampled_examples(tmp_path):
+    """Issue 9.1: holding the sampled examples' images took 2 x 0.6 MB an example at 224 px
+    (12 GB for 10,000).  Peak memory, in a forked process, while evaluating 60 and 600."""
+    dataset = real_training_set('mitstates', tmp_path)
+    model = bench.PooledImageModel()
+
+    def evaluate(count):
+        test_retrieval.NUM_SAMPLED_TRAIN_EXAMPLES = count  # in the forked process only
+        test_retrieval.test(options('mitstates', batch_size=32), model, dataset)
+
+    growth = {}
+    for count in MEMORY_COUNTS:
+        memory = bench.peak_memory(lambda: evaluate(count))
+        growth[count] = memory['peak_bytes'] - memory['start_bytes']
+    more_examples = MEMORY_COUNTS[1] - MEMORY_COUNTS[0]
+    image_bytes = 3 * 224 * 224 * 4
+    # Holding them would add 2 x 540 images (650 MB); a few MB of descriptors and features are fine.
+    assert growth[MEMORY_COUNTS[1]] - growth[MEMORY_COUNTS[0]] < 0.05 * 2 * more_examples * image_bytes, growth
