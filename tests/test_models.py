@@ -150,6 +150,91 @@ def test_tirg_composition_equals_formula_from_submodules():
     torch.testing.assert_close(got_features, expected, rtol=1e-5, atol=1e-5)
 
 
+def resnet_feature(m, imgs):
+    """ResNet-18 with the global average pool and the fc Sequential, from its layers."""
+    x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(imgs))))))))
+    return m.fc[0](x.mean(dim=(2, 3)))
+
+
+def lstm_feature(t, texts):
+    """The LSTM's output at each text's last token, then fc_output (Dropout, Linear)."""
+    outputs = []
+    for text in texts:
+        ids = torch.tensor(t.vocab.encode_text(text))
+        out, _ = t.lstm(t.embedding_layer(ids).unsqueeze(1))
+        outputs.append(out[-1, 0])
+    return t.fc_output[1](t.fc_output[0](torch.stack(outputs)))
+
+
+def test_image_only_query_is_the_image_feature_whatever_the_text():
+    model = build('imgonly').eval()
+    imgs = small_images()
+    with torch.no_grad():
+        expected = resnet_feature(model.img_model, imgs)
+        torch.testing.assert_close(model.compose_img_text(imgs, TEXTS), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.compose_img_text(imgs, TEXTS[::-1]), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.extract_img_feature(imgs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_only_query_is_the_text_feature_whatever_the_image():
+    model = build('textonly').eval()
+    with torch.no_grad():
+        expected = lstm_feature(model.text_model, TEXTS)
+        for seed in (0, 1):
+            got = model.compose_img_text(small_images(seed=seed), TEXTS)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # Target images still go through the image encoder.
+        imgs = small_images(seed=2)
+        torch.testing.assert_close(model.extract_img_feature(imgs),
+                                   resnet_feature(model.img_model, imgs), rtol=1e-5, atol=1e-5)
+
+
+def concat_formula(model, img, txt, training):
+    """SPEC 3: BatchNorm, ReLU, Linear 2E->2E, BatchNorm, ReLU, Dropout 0.1, Linear 2E->E over
+    [image feature, text feature] (that order)."""
+    m = model.composer.m
+
+    def batch_norm(bn, x):
+        return torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                              training=training, momentum=0.0, eps=bn.eps)
+
+    x = torch.cat([img, txt], dim=1)
+    x = m[2](torch.relu(batch_norm(m[0], x)))
+    x = torch.nn.functional.dropout(torch.relu(batch_norm(m[3], x)), p=0.1, training=training)
+    return m[6](x)
+
+
+def test_concat_composition_equals_formula_from_submodules():
+    model = build('concat')
+    with torch.no_grad():
+        for bn in (model.composer.m[0], model.composer.m[3]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    imgs = small_images()
+    with torch.no_grad():
+        img = model.extract_img_feature(imgs)
+        txt = model.extract_text_feature(TEXTS)
+        expected = concat_formula(model, img, txt, training=False)
+        torch.testing.assert_close(model.compose_img_text(imgs, TEXTS), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.compose_img_text_features(img, txt), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_concat_dropout_in_training_is_the_formula_at_rate_0_1():
+    """The same random stream on both sides: the text encoder's dropout, then the composer's."""
+    model = build('concat').train()
+    imgs = small_images(batch=8)
+    texts = (TEXTS * 3)[:8]
+    with torch.no_grad():
+        img = resnet_feature(model.img_model, imgs)  # BatchNorm on batch statistics: no randomness
+        torch.manual_seed(5)
+        txt = lstm_feature(model.text_model, texts)
+        expected = concat_formula(model, img, txt, training=True)
+        torch.manual_seed(5)
+        got = model.compose_img_text(imgs, texts)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_tirg_lastconv_composition_equals_formula_from_submodules():
     model = build('tirg_lastconv')
     with torch.no_grad():
