@@ -776,7 +776,13 @@ def load_data(opt):
         ensure_default_dataset(opt)
     distributed.barrier()
     with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
-        return load_dataset(opt, 'test1' if opt.test_split == 'test1' else 'test')
+        trainset, testset = load_dataset(opt, 'test1' if opt.test_split == 'test1' else 'test')
+    # --skip_missing_images: what was dropped travels with the run's options (tensorboard text,
+    # checkpoints), so no number is reported without its caveat.
+    skipped = {d.split: d.skipped for d in (trainset, testset) if getattr(d, 'skipped', None)}
+    if skipped:
+        opt.skipped_missing_images = skipped
+    return trainset, testset
 
 
 def run(opt):
