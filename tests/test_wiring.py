@@ -1,0 +1,201 @@
+"""How the pieces are put together (issue 9, section 7): each test here fails on a wiring mistake
+that the unit tests of the pieces let through.  Runs go through the command line and are read
+back from the run folder (checkpoints, metrics.jsonl, tensorboard events)."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, read_scalars, run_main, write_css_fixture
+from test_fashion200k import SAMPLED, finish, start_main
+from test_mitstates import write_mitstates_fixture
+
+import datasets
+import main
+
+
+def run_dir(cwd, comment):
+    (found,) = glob.glob(os.path.join(str(cwd), 'runs', f'*{comment}'))
+    return found
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def metrics_lines(folder):
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def css_data(tmp_path, num_scenes):
+    """`num_scenes` scenes, each with two colour changes: 3 * num_scenes images a split."""
+    root = str(tmp_path / f'css{num_scenes}')
+    write_css_fixture(root, num_scenes=num_scenes)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# The training batch
+# --------------------------------------------------------------------------------------------
+
+def test_collated_batch_keeps_each_examples_text_with_its_images():
+    def example(i):
+        return {'source_img_id': i, 'source_img_data': torch.full((3, 2, 2), float(i)),
+                'target_img_id': 100 + i, 'target_img_data': torch.full((3, 2, 2), 100.0 + i),
+                'mod': {'str': f'text {i}'}, 'target_caption': f'caption {100 + i}'}
+
+    order = [3, 0, 4, 1, 2]
+    batch = datasets.collate_training_batch([example(i) for i in order])
+    assert batch['source_img_id'].tolist() == order
+    assert batch['target_img_id'].tolist() == [100 + i for i in order]
+    assert batch['mod_str'] == [f'text {i}' for i in order]
+    assert batch['source_img_data'][:, 0, 0, 0].tolist() == [float(i) for i in order]
+    assert batch['target_img_data'][:, 0, 0, 0].tolist() == [100.0 + i for i in order]
+
+
+def test_loader_workers_draw_different_examples(tmp_path):
+    """The reference's workers inherited one numpy state and loaded the same examples.  With a
+    model that cannot change (learning rate 0) and has no randomness (image only, classification
+    loss), a batch's loss depends on its examples only; the two workers load alternate batches."""
+    result = run_main(['--dataset=css3d', f'--dataset_path={css_data(tmp_path, 12)}',
+                       '--batch_size=8', '--embed_dim=16', '--img_weights=none',
+                       '--model=imgonly', '--loss=batch_based_classification',
+                       '--learning_rate=0', '--loader_num_workers=2', '--num_iters=4', '--seed=1',
+                       '--comment=_workers'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    losses = load(os.path.join(run_dir(tmp_path, '_workers'), 'latest_checkpoint.pth'))['losses']
+    values = losses['batch_based_classification']
+    assert len(values) == 4  # one epoch of 36 // 8 batches: all of them
+    assert values[0] != values[1] and values[2] != values[3], values
+
+
+def test_each_epoch_passes_over_every_example_in_a_new_order(tmp_path, monkeypatch):
+    """In-process, to see the indices the training loader asks the dataset for."""
+    asked = []
+    original = datasets.CSSDataset.__getitem__
+
+    def recording(self, idx):
+        if self.split == 'train':
+            asked.append(int(idx))
+        return original(self, idx)
+
+    monkeypatch.setattr(datasets.CSSDataset, '__getitem__', recording)
+    monkeypatch.chdir(tmp_path)
+    # 4 scenes: 12 training images, 3 batches of 4 an epoch.
+    assert main.main(TINY + [f'--dataset_path={css_data(tmp_path, 4)}', '--num_iters=9',
+                             '--seed=3', '--comment=_order']) == 0
+    epochs = [asked[i:i + 12] for i in range(0, 36, 12)]
+    assert len(asked) == 36
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(12))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer: learning-rate schedule and weight decay, as the run applies them
+# --------------------------------------------------------------------------------------------
+
+# 12 training images at batch 6: an epoch start (and a learning_rate scalar) every 2 iterations.
+# The lr drops 10x after iterations 3 and 6 (SPEC 5): a decay one iteration early shows at step
+# 2, one iteration late at step 6.
+DECAY_FREQUENCY, WEIGHT_DECAY, LEARNING_RATE, ITERATIONS = 3, 0.5, 0.01, 8
+
+
+@pytest.fixture(scope='module')
+def schedule_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp('schedule')
+    result = run_main(['--dataset=css3d', f'--dataset_path={css_data(tmp_path, 4)}',
+                       '--batch_size=6', '--embed_dim=16', '--img_weights=none', '--model=tirg',
+                       '--loader_num_workers=0', f'--num_iters={ITERATIONS}', '--seed=1',
+                       f'--learning_rate={LEARNING_RATE}', f'--weight_decay={WEIGHT_DECAY}',
+                       f'--learning_rate_decay_frequency={DECAY_FREQUENCY}',
+                       '--comment=_schedule'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return run_dir(tmp_path, '_schedule')
+
+
+def learning_rate_during(it):
+    """SPEC 5: the lr of iteration `it` (from 1): decayed after every multiple of the frequency."""
+    return LEARNING_RATE * 0.1 ** ((it - 1) // DECAY_FREQUENCY)
+
+
+def test_logged_learning_rate_decays_after_the_iteration_the_spec_names(schedule_run):
+    logged = dict(read_scalars(schedule_run)['learning_rate'])
+    assert sorted(logged) == [0, 2, 4, 6, 8]
+    # At an epoch start after iteration `it`, the lr the next iteration will use.
+    expected = {it: learning_rate_during(it + 1) for it in logged}
+    assert expected == pytest.approx({0: 0.01, 2: 0.01, 4: 0.001, 6: 1e-4, 8: 1e-4})
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_weight_decay_and_momentum_reach_the_optimizer(schedule_run):
+    """TIRG's a[2] and a[3] are in no formula: their gradient is 0, so only weight decay (through
+    SGD's momentum 0.9) moves them, by an amount known in advance."""
+    expected = torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([expected], lr=LEARNING_RATE, momentum=0.9, weight_decay=WEIGHT_DECAY)
+    for it in range(1, ITERATIONS + 1):
+        optimizer.param_groups[0]['lr'] = learning_rate_during(it)
+        expected.grad = torch.zeros(1)
+        optimizer.step()
+    a = load(os.path.join(schedule_run, 'latest_checkpoint.pth'))['model_state_dict']['a']
+    assert expected.item() < 0.99  # visibly decayed
+    torch.testing.assert_close(a[2:], expected.detach().expand(2), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume and the best checkpoint
+# --------------------------------------------------------------------------------------------
+
+def test_mitstates_resume_with_a_pending_pair_gives_the_same_weights(tmp_path):
+    """MIT-States draws examples in pairs; at batch 3 a checkpoint after 5 iterations (15
+    examples) falls between the two of a pair, which the resumed run must draw second."""
+    root = write_mitstates_fixture(str(tmp_path / 'mitstates'))
+    common = ['--dataset=mitstates', f'--dataset_path={root}', '--img_weights=none',
+              '--batch_size=3', '--embed_dim=16', '--loader_num_workers=0', '--seed=4']
+
+    def run(args, cwd):
+        return start_main(common + args, cwd=str(tmp_path / cwd), sampled=SAMPLED)
+
+    straight, cut = run(['--num_iters=8', '--comment=_s'], 'straight'), run(['--num_iters=5', '--comment=_c'], 'cut')
+    for process in (straight, cut):
+        result = finish(process)
+        assert result.returncode == 0, result.stderr
+    cut_path = os.path.join(run_dir(tmp_path / 'cut', '_c'), 'latest_checkpoint.pth')
+    result = finish(run([f'--resume={cut_path}', '--num_iters=8'], 'cut'))
+    assert result.returncode == 0, result.stderr
+    resumed = load(cut_path)
+    straight = load(os.path.join(run_dir(tmp_path / 'straight', '_s'), 'latest_checkpoint.pth'))
+    assert resumed['it'] == straight['it'] == 8
+    for key, value in straight['model_state_dict'].items():
+        torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+TRACKED = 'test recall_top1_correct_composition'
+
+
+def test_best_checkpoint_holds_the_best_logged_recall(tmp_path, monkeypatch):
+    """36 training images at batch 12: tests at iterations 3, 12, 21 (epochs 1, 4, 7) and 24
+    (the end); with this seed the best recall is neither the first nor the last."""
+    data = css_data(tmp_path, 12)
+    result = run_main(['--dataset=css3d', f'--dataset_path={data}', '--batch_size=12',
+                       '--embed_dim=16', '--img_weights=none', '--loader_num_workers=0',
+                       '--num_iters=24', '--seed=1', '--comment=_best'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = run_dir(tmp_path, '_best')
+    logged = [(line['it'], line[TRACKED]) for line in metrics_lines(folder)]
+    assert [it for it, _ in logged] == [3, 12, 21, 24]
+    recalls = [recall for _, recall in logged]
+    best = max(recalls)
+    best_it = logged[recalls.index(best)][0]  # the first evaluation that reached it
+    assert recalls[0] < best and recalls[-1] < best, f'uninformative run: {logged}'
+    assert load(os.path.join(folder, 'best_checkpoint.pth'))['it'] == best_it
+
+    # Its weights score that recall again (in-process: one interpreter start less).
+    monkeypatch.chdir(tmp_path)
+    assert main.main([f'--checkpoint={os.path.join(folder, "best_checkpoint.pth")}', '--test_only',
+                      f'--dataset_path={data}', '--loader_num_workers=0', '--comment=_again']) == 0
+    with open(os.path.join(run_dir(tmp_path, '_again'), 'test_results.json')) as f:
+        assert json.load(f)['metrics'][TRACKED] == pytest.approx(best, abs=1e-6)
