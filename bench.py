@@ -672,11 +672,13 @@ def _fix_malloc_mmap_threshold():
         pass
 
 
-def _measure_in_child(fn, conn):
+def _measure_in_child(fn, warmup, conn):
     import resource
     torch.set_num_threads(1)  # as DataLoader workers do after a fork
     _fix_malloc_mmap_threshold()
     try:
+        if warmup is not None:
+            warmup()
         try:  # Linux: reset the high-water mark to the current resident size
             with open('/proc/self/clear_refs', 'w') as f:
                 f.write('5')
@@ -696,13 +698,14 @@ def _measure_in_child(fn, conn):
         conn.close()
 
 
-def peak_memory(fn):
+def peak_memory(fn, warmup=None):
     """{'start_bytes', 'peak_bytes'}: resident memory of a forked child at the start of fn() and
-    at its peak while fn() runs; the parent's own memory is left as it was."""
+    at its peak while fn() runs; the parent's own memory is left as it was.  `warmup()` runs
+    first, unmeasured: a forked child maps the parent's library code again as it first runs it."""
     import multiprocessing
     context = multiprocessing.get_context('fork')
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_measure_in_child, args=(fn, send))
+    child = context.Process(target=_measure_in_child, args=(fn, warmup, send))
     child.start()
     send.close()
     try:
