@@ -1,6 +1,8 @@
 """How the pieces are put together (issue 9, section 7): each test here fails on a wiring mistake
-that the unit tests of the pieces let through.  Runs go through the command line and are read
-back from the run folder (checkpoints, metrics.jsonl, tensorboard events)."""
+that the unit tests of the pieces let through.  Runs go through the command line (main.py, or
+main.main in-process where a test must see inside) and are read back from the run folder
+(checkpoints, metrics.jsonl, tensorboard events), so that they do not depend on main.py's inner
+functions."""
 import glob
 import json
 import os
