@@ -1,0 +1,272 @@
+"""CIRR (SPEC 2.5) on tiny trees in the exact layouts, against a per-query implementation."""
+import json
+import os
+
+import pytest
+
+from fiq_cirr_fixtures import (NameModel, cirr_layout, per_query_ranking, use_id_images, write_cirr,
+                               write_json)
+
+import cirr
+import datasets
+
+
+def load(root, split='test', **options):
+    return cirr.CIRR(str(root), split, datasets.photo_transform(), **options)
+
+
+def stand_in(dataset, query_scores=None):
+    return NameModel(use_id_images(dataset), [img['captions'][0] for img in dataset.imgs], query_scores)
+
+
+def per_query_rankings(model, entry, gallery):
+    """(ranking, subset ranking) of one entry: a full sort of the gallery less the reference,
+    then that ranking kept to the img_set members."""
+    ranking = per_query_ranking(model, entry['reference'], entry['caption'],
+                                [n for n in gallery if n != entry['reference']])
+    members = set(entry['img_set']['members'])
+    return ranking, [n for n in ranking if n in members]
+
+
+def per_query_recalls(model, entries, gallery):
+    hits = {f'recall_top{k}': 0 for k in (1, 5, 10, 50)}
+    hits.update({f'recall_subset_top{k}': 0 for k in (1, 2, 3)})
+    for entry in entries:
+        ranking, subset = per_query_rankings(model, entry, gallery)
+        for k in (1, 5, 10, 50):
+            hits[f'recall_top{k}'] += entry['target_hard'] in ranking[:k]
+        for k in (1, 2, 3):
+            hits[f'recall_subset_top{k}'] += entry['target_hard'] in subset[:k]
+    metrics = {name: count / len(entries) for name, count in hits.items()}
+    metrics['recall_avg'] = (metrics['recall_top5'] + metrics['recall_subset_top1']) / 2
+    return metrics
+
+
+@pytest.fixture(scope='module')
+def cirr_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cirr')
+    write_cirr(str(root), cirr_layout())
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Recalls and the evaluation server's files
+
+def test_recalls_equal_the_per_query_implementation(cirr_root):
+    layout = cirr_layout()['val']
+    dataset = load(cirr_root)
+    model = stand_in(dataset)
+    metrics = cirr.evaluate(model, dataset, batch_size=4)
+    expected = per_query_recalls(model, layout['entries'], layout['images'])
+    assert [name for name, _ in metrics] == list(expected)
+    assert dict(metrics) == pytest.approx(expected)
+    assert 0 < dict(metrics)['recall_top10'] < 1 and 0 < dict(metrics)['recall_subset_top1'] < 1
+
+
+def test_recalls_hold_when_queries_come_in_several_chunks(cirr_root, monkeypatch):
+    import test_retrieval
+    monkeypatch.setattr(test_retrieval, 'MAX_SCORES_PER_CHUNK', 56 * 3)  # 3 queries a chunk
+    layout = cirr_layout()['val']
+    dataset = load(cirr_root)
+    model = stand_in(dataset)
+    expected = per_query_recalls(model, layout['entries'], layout['images'])
+    assert dict(cirr.evaluate(model, dataset, batch_size=5)) == pytest.approx(expected)
+
+
+def designed_scores(layout, order):
+    """The first val entry ranks `order(reference, target, members, others)` first."""
+    entry = layout['val']['entries'][0]
+    members = [m for m in entry['img_set']['members'] if m not in (entry['reference'], entry['target_hard'])]
+    others = [n for n in layout['val']['images'] if n not in entry['img_set']['members']]
+    names = order(entry['reference'], entry['target_hard'], members, others)
+    return {(entry['reference'], entry['caption']): {n: 1.0 - 0.01 * i for i, n in enumerate(names)}}
+
+
+def first_query_metrics(root, layout, order):
+    dataset = load(root)
+    dataset.test_queries = dataset.test_queries[:1]
+    return dict(cirr.evaluate(stand_in(dataset, designed_scores(layout, order)), dataset, batch_size=4))
+
+
+def test_the_reference_is_removed_from_its_own_ranking(cirr_root):
+    metrics = first_query_metrics(cirr_root, cirr_layout(),
+                                  lambda reference, target, members, others: [reference, target])
+    assert metrics['recall_top1'] == 1.0 and metrics['recall_subset_top1'] == 1.0
+
+
+def test_subset_recall_ranks_only_the_other_img_set_members(cirr_root):
+    # Four non-members, then two members, then the target: 7th overall, 3rd in its subset.
+    metrics = first_query_metrics(cirr_root, cirr_layout(), lambda reference, target, members, others:
+                                  others[:4] + members[:2] + [target])
+    assert (metrics['recall_top5'], metrics['recall_top10']) == (0.0, 1.0)
+    assert [metrics[f'recall_subset_top{k}'] for k in (1, 2, 3)] == [0.0, 0.0, 1.0]
+    assert metrics['recall_avg'] == 0.0
+
+
+def test_test1_files_list_every_pairid_with_its_50_and_3_best_names_in_order(cirr_root, tmp_path):
+    layout = cirr_layout()['test1']
+    dataset = load(cirr_root, 'test1')
+    model = stand_in(dataset)
+    recall, recall_subset = cirr.test1_submission(model, dataset, batch_size=4)
+    paths = cirr.write_test1_files(str(tmp_path), recall, recall_subset)
+    assert paths == [os.path.join(str(tmp_path), 'cirr_test1_recall.json'),
+                     os.path.join(str(tmp_path), 'cirr_test1_recall_subset.json')]
+    with open(paths[0]) as f:
+        written_recall = json.load(f)
+    with open(paths[1]) as f:
+        written_subset = json.load(f)
+    expected_recall = {'version': 'rc2', 'metric': 'recall'}
+    expected_subset = {'version': 'rc2', 'metric': 'recall_subset'}
+    for entry in layout['entries']:
+        ranking, subset = per_query_rankings(model, entry, layout['images'])
+        expected_recall[str(entry['pairid'])] = ranking[:50]
+        expected_subset[str(entry['pairid'])] = subset[:3]
+    assert written_recall == recall == expected_recall
+    assert written_subset == recall_subset == expected_subset
+    assert all(len(names) == 50 for key, names in recall.items() if key not in ('version', 'metric'))
+    assert all(len(names) == 3 for key, names in recall_subset.items() if key not in ('version', 'metric'))
+
+
+def test_test1_has_no_recall(cirr_root):
+    dataset = load(cirr_root, 'test1')
+    assert all(q['target_caption'] is None for q in dataset.get_test_queries())
+    with pytest.raises(datasets.DatasetError, match='test1 has no targets'):
+        cirr.evaluate(stand_in(dataset), dataset, batch_size=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts, images, training examples, vocabulary
+
+@pytest.mark.parametrize('official', [True, False])
+def test_annotations_under_root_or_root_cirr_and_image_paths_relative_to_root(tmp_path, official):
+    layout = write_cirr(str(tmp_path), cirr_layout(), official=official)
+    dataset = load(tmp_path)
+    assert [img['captions'][0] for img in dataset.imgs] == layout['val']['images']
+    assert dataset.image_file(3) == os.path.join(str(tmp_path), 'dev', 'dev-3-img0.png')
+    assert dataset.get_img(3).shape == (3, 224, 224)
+    entries = layout['val']['entries']
+    queries = dataset.get_test_queries()
+    assert [(q['pairid'], q['mod']['str'], q['source_caption'], q['target_caption']) for q in queries] == \
+        [(e['pairid'], e['caption'], e['reference'], e['target_hard']) for e in entries]
+    names = layout['val']['images']
+    assert [[names[i] for i in q['subset_ids']] for q in queries] == \
+        [[m for m in e['img_set']['members'] if m != e['reference']] for e in entries]
+
+
+def test_training_examples_are_reference_caption_target(cirr_root):
+    entries = cirr_layout()['train']['entries']
+    dataset = load(cirr_root, 'train')
+    assert dataset.num_training_examples() == len(entries)
+    assert dataset.get_test_queries() == []
+    for i in range(2 * len(entries)):
+        entry, example = entries[i % len(entries)], dataset[i]
+        assert dataset.imgs[example['source_img_id']]['captions'] == [entry['reference']]
+        assert dataset.imgs[example['target_img_id']]['captions'] == [entry['target_hard']]
+        assert example['mod'] == {'str': entry['caption']}
+        assert example['target_img_data'].shape == (3, 224, 224)
+
+
+def test_vocabulary_texts_are_the_train_captions_for_every_split(cirr_root):
+    expected = [e['caption'] for e in cirr_layout()['train']['entries']]
+    for split in ('train', 'test', 'test1'):
+        assert load(cirr_root, split).get_all_texts() == expected
+
+
+def test_missing_images_are_one_line_or_dropped_with_counts(tmp_path, capsys):
+    layout = cirr_layout()
+    entry = layout['val']['entries'][2]
+    used = {n for e in layout['val']['entries'] for n in (e['reference'], e['target_hard'])}
+    unused = [n for n in layout['val']['images'] if n not in used][0]
+    write_cirr(str(tmp_path), layout, missing=[entry['reference'], unused])
+    with pytest.raises(datasets.DatasetError) as error:
+        load(tmp_path)
+    assert '\n' not in str(error.value) and '2 of the 56 images' in str(error.value)
+    assert entry['reference'] in str(error.value)
+    dataset = load(tmp_path, skip_missing_images=True)
+    dropped = [e for e in layout['val']['entries'] if entry['reference'] in (e['reference'], e['target_hard'])]
+    assert dataset.skipped == {'missing_images': 2, 'dropped_queries': len(dropped), 'dropped_gallery': 2}
+    assert 'CIRR test: missing images 2' in capsys.readouterr().out
+    kept = [e for e in layout['val']['entries'] if e not in dropped]
+    gallery = [n for n in layout['val']['images'] if n not in (entry['reference'], unused)]
+    model = stand_in(dataset)
+    assert dict(cirr.evaluate(model, dataset, batch_size=4)) == \
+        pytest.approx(per_query_recalls(model, kept, gallery))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and the entry
+
+def cap_file(root, split='val'):
+    return os.path.join(str(root), 'cirr', 'captions', f'cap.rc2.{split}.json')
+
+
+def split_file(root, split='val'):
+    return os.path.join(str(root), 'cirr', 'image_splits', f'split.rc2.{split}.json')
+
+
+def rewrite_entries(change):
+    def rewrite(root, layout):
+        entries = layout['val']['entries']
+        change(entries)
+        write_json(cap_file(root), entries)
+    return rewrite
+
+
+def truncated_json(root, layout):
+    with open(cap_file(root), 'w') as f:
+        f.write('[{"pairid": 1,\n "reference": }]')
+
+
+@pytest.mark.parametrize('change, expected', [
+    (truncated_json, [cap_file('{root}'), 'malformed JSON', 'line 2 column 15']),
+    (lambda root, layout: os.remove(cap_file(root)),
+     [cap_file('{root}'), 'CIRR captions file not found, nor',
+      os.path.join('{root}', 'captions', 'cap.rc2.val.json')]),
+    (lambda root, layout: os.remove(split_file(root)), [split_file('{root}'), 'CIRR image split file not found']),
+    (rewrite_entries(lambda entries: entries[5].pop('target_hard')),
+     [cap_file('{root}') + ' entry 5', 'missing field "target_hard"']),
+    (rewrite_entries(lambda entries: entries[5].pop('caption')),
+     [cap_file('{root}') + ' entry 5', 'missing field "caption"']),
+    (rewrite_entries(lambda entries: entries[5]['img_set'].pop('members')),
+     [cap_file('{root}') + ' entry 5 img_set', 'missing field "members"']),
+    (rewrite_entries(lambda entries: entries[4].update(pairid='7')),
+     [cap_file('{root}') + ' entry 4 field "pairid"', 'expected an integer, got a string']),
+    (rewrite_entries(lambda entries: entries[4].update(pairid=entries[1]['pairid'])),
+     [cap_file('{root}') + ' entry 4', 'repeats entry 1']),
+    (rewrite_entries(lambda entries: entries[6].update(reference='dev-999-img0')),
+     [cap_file('{root}') + ' entry 6', 'reference "dev-999-img0" is not in', split_file('{root}')]),
+    (rewrite_entries(lambda entries: entries[6].update(target_hard='dev-999-img0')),
+     [cap_file('{root}') + ' entry 6', 'target_hard "dev-999-img0" is not in', split_file('{root}')]),
+    (rewrite_entries(lambda entries: entries[6]['img_set']['members'].append('dev-999-img0')),
+     [cap_file('{root}') + ' entry 6', 'img_set member "dev-999-img0" is not in']),
+])
+def test_bad_annotations_are_one_line_naming_the_file_and_entry(tmp_path, change, expected):
+    layout = write_cirr(str(tmp_path), cirr_layout())
+    change(str(tmp_path), layout)
+    with pytest.raises(datasets.DatasetError) as error:
+        load(tmp_path)
+    message = str(error.value)
+    assert '\n' not in message
+    for part in expected:
+        assert part.replace('{root}', str(tmp_path)) in message
+
+
+def test_evaluation_leaves_the_model_in_training_mode(cirr_root):
+    dataset = load(cirr_root)
+    model = stand_in(dataset)
+    model.train()
+    cirr.evaluate(model, dataset, batch_size=4)
+    assert model.training
+
+
+def test_main_reports_bad_annotations_as_one_line_without_traceback(tmp_path):
+    from conftest import TINY, run_main
+    root = str(tmp_path / 'cirr')
+    layout = write_cirr(root, cirr_layout())
+    rewrite_entries(lambda entries: entries[6].update(reference='dev-999-img0'))(root, layout)
+    result = run_main(TINY[1:] + ['--dataset=cirr', f'--dataset_path={root}'], cwd=str(tmp_path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0] == (f'main.py: error: {cap_file(root)} entry 6: reference "dev-999-img0" is not '
+                        f'in {split_file(root)}')
+    assert 'Traceback' not in result.stdout
