@@ -194,7 +194,7 @@ class CIRR(fashioniq.QuietPhotoDataset):
 
 def padded_subsets(queries, device):
     """(ids, valid): queries x widest subset; short rows are padded with the reference's id,
-    which scores -inf, and marked invalid."""
+    which scores -inf (so padding ranks last), and marked invalid."""
     width = max(1, max(len(q['subset_ids']) for q in queries))
     ids = [q['subset_ids'] + [q['source_img_id']] * (width - len(q['subset_ids'])) for q in queries]
     valid = [[True] * len(q['subset_ids']) + [False] * (width - len(q['subset_ids'])) for q in queries]
@@ -207,7 +207,7 @@ def rank_chunk(query_features, gallery_features, references, subset_ids, subset_
     scores = query_features @ gallery_features.t()
     scores.scatter_(1, references.unsqueeze(1), float('-inf'))
     top = scores.topk(k, dim=1).indices
-    subset_scores = scores.gather(1, subset_ids).masked_fill(~subset_valid, float('-inf'))
+    subset_scores = scores.gather(1, subset_ids)  # padding is the reference: -inf
     order = subset_scores.topk(subset_k, dim=1).indices
     subset_top = subset_ids.gather(1, order).masked_fill(~subset_valid.gather(1, order), -1)
     return top, subset_top

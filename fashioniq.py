@@ -118,6 +118,8 @@ class QuietPhotoDataset(datasets.PhotoDataset):
 # FashionIQ
 
 def check_categories(categories):
+    if categories == 'all':
+        return list(CATEGORIES)
     categories = [categories] if isinstance(categories, str) else list(categories)
     for category in categories:
         if category not in CATEGORIES:
@@ -322,22 +324,20 @@ class FashionIQ(QuietPhotoDataset):
 
 def evaluate(model, dataset, batch_size, num_workers=0):
     """[(metric name, recall)] of the FashionIQ test (SPEC 2.4): features are computed once for
-    every query and every gallery image; each category ranks its queries against its own gallery,
-    the candidate included."""
+    every query and every image (each test image is in a gallery: a triplet's names are in the
+    split file); each category ranks its queries against its own gallery, the candidate included."""
     queries = dataset.get_test_queries()
-    gallery_ids = sorted({i for ids in dataset.galleries.values() for i in ids})
     with evaluation_mode(model):
         query_features = normalized(test_retrieval.compute_query_features(
             model, dataset, queries, batch_size, num_workers))
         gallery_features = normalized(test_retrieval.compute_gallery_features(
-            model, dataset, batch_size, num_workers, ids=gallery_ids))
-    row_of_id = {img_id: row for row, img_id in enumerate(gallery_ids)}
+            model, dataset, batch_size, num_workers))
     metrics, means = [], {k: [] for k in RECALL_KS}
     for category in dataset.categories:
         query_rows = [i for i, q in enumerate(queries) if q['category'] == category]
         category_ids = dataset.galleries[category]
         neighbours = test_retrieval.nearest_neighbours(
-            query_features[query_rows], gallery_features[[row_of_id[i] for i in category_ids]],
+            query_features[query_rows], gallery_features[category_ids],
             k=max(RECALL_KS))
         recalls = test_retrieval.recalls_at_k(
             neighbours, [dataset.imgs[i]['captions'][0] for i in category_ids],

@@ -149,8 +149,9 @@ CIRR_FOLDERS = {'train': 'train/0', 'val': 'dev', 'test1': 'test1'}
 
 
 def cirr_split(split, num_images, num_entries, seed, with_target=True):
-    """{'images': names, 'entries': caption entries}: each img_set has 6 members, the reference
-    among them, and the target too except in one entry (a target outside the subset)."""
+    """{'images': names, 'entries': caption entries}: an img_set has 6 members, the reference
+    and the target among them, except in entries 1 (target outside), 3 (reference outside) and 4
+    (3 members)."""
     rng = np.random.RandomState(seed)
     names = [f'{split}-{i}-img0' for i in range(num_images)]
     entries = []
@@ -158,7 +159,8 @@ def cirr_split(split, num_images, num_entries, seed, with_target=True):
         reference, target = (str(n) for n in rng.choice(names, 2, replace=False))
         others = [str(n) for n in rng.permutation(names) if n not in (reference, target)]
         members = [reference] + ([target] if i != 1 else []) + others
-        members = members[:6]
+        # Subsets of other sizes: without the reference (6), and short (2 besides the reference).
+        members = members[1:7] if i == 3 else members[:3] if i == 4 else members[:6]
         rng.shuffle(members)
         entry = {'pairid': 1000 + 7 * i, 'reference': reference, 'caption': f'{split} caption {i}',
                  'img_set': {'id': i, 'members': members}}

@@ -23,16 +23,20 @@ def stand_in(dataset, query_scores=None):
     return NameModel(use_id_images(dataset), [img['captions'][0] for img in dataset.imgs], query_scores)
 
 
+def per_query_gallery(layout, category, protocol):
+    """SPEC 2.4: the split file's names, or the triplets' names in order of first appearance."""
+    if protocol == 'split':
+        return layout[category]['split_val']
+    return list(dict.fromkeys(n for t in layout[category]['val'] for n in (t['candidate'], t['target'])))
+
+
 def per_query_recalls(model, layout, categories, protocol, ks=(10, 50)):
     """The SPEC 2.4 test written out: for each category, each val triplet in file order, a full
     sort of the category's gallery with the candidate in it."""
     metrics = {}
     for category in categories:
         triplets = layout[category]['val']
-        if protocol == 'split':
-            gallery = layout[category]['split_val']
-        else:
-            gallery = list(dict.fromkeys(n for t in triplets for n in (t['candidate'], t['target'])))
+        gallery = per_query_gallery(layout, category, protocol)
         hits = {k: 0 for k in ks}
         for t in triplets:
             text = t['captions'][0] + ' and ' + t['captions'][1]
@@ -69,6 +73,9 @@ def test_recalls_equal_the_per_query_implementation_under_both_protocols(fiq_roo
         assert [name for name, _ in metrics] == list(expected)
         assert dict(metrics) == pytest.approx(expected)
         results[protocol] = dict(metrics)
+        for category in categories:
+            assert [dataset.imgs[i]['captions'][0] for i in dataset.galleries[category]] == \
+                per_query_gallery(layout, category, protocol)
     # The fixture's galleries differ, and so must the numbers: the protocol is not ignored.
     assert results['split'] != results['val']
 
@@ -230,6 +237,11 @@ def test_vocabulary_texts_are_every_train_triplet_joined_in_file_order(fiq_root)
 
 def test_the_train_split_has_no_test_queries(fiq_root):
     assert load(fiq_root, 'train').get_test_queries() == []
+
+
+def test_all_and_a_single_name_select_categories(fiq_root):
+    assert load(fiq_root, categories='all').categories == list(fashioniq.CATEGORIES)
+    assert {q['category'] for q in load(fiq_root, categories='toptee').get_test_queries()} == {'toptee'}
 
 
 # --------------------------------------------------------------------------------------------
