@@ -6,6 +6,7 @@ Sampling uses the global `random` and `numpy.random` generators, as the referenc
 seeds them from `--seed`, and `worker_init_fn` gives every DataLoader worker its own stream.
 """
 import os
+import pickle
 import random
 import re
 import signal
@@ -172,18 +173,66 @@ def draw_css_2d_image(objects, size=64):
         c = [v / 255.0 for v in CSS_COLORS[obj['color']]]
         y = obj['pos'][0] * size
         x = obj['pos'][1] * size
+        # Rows and columns past the canvas are left out (an object at a border is cut, as in
+        # the middle of the canvas nothing changes), never wrapped around by negative indices.
         if obj['shape'] == 'rectangle':
-            img[int(y - s):int(y + s), int(x - s):int(x + s), :] = c
+            img[max(0, int(y - s)):int(y + s), max(0, int(x - s)):int(x + s), :] = c
         elif obj['shape'] == 'circle':  # drawn as a diamond, as in the reference
-            for y0 in range(int(y - s), int(y + s) + 1):
+            for y0 in range(max(0, int(y - s)), min(size - 1, int(y + s)) + 1):
                 x0 = x + (abs(y0 - y) - s)
                 x1 = 2 * x - x0
-                img[y0, int(x0):int(x1), :] = c
+                img[y0, max(0, int(x0)):int(x1), :] = c
         elif obj['shape'] == 'triangle':  # apex at the top, base 2s wide at the bottom
-            for y0 in range(int(y - s), int(y + s)):
+            for y0 in range(max(0, int(y - s)), min(size, int(y + s))):
                 half_width = (y0 - y + s) / 2
-                img[y0, int(x - half_width):int(x + half_width), :] = c
+                img[y0, max(0, int(x - half_width)):int(x + half_width), :] = c
     return img
+
+
+# The globals a CSS data file may name (SPEC 2.1): array and scalar reconstruction and dtype, under
+# the module names of numpy 1 (`numpy.core`, also what Python 2 wrote) and numpy 2 (`numpy._core`).
+CSS_PICKLE_GLOBALS = frozenset(
+    [(module, name) for module in ('numpy.core.multiarray', 'numpy._core.multiarray')
+     for name in ('_reconstruct', 'scalar')] + [('numpy', 'ndarray'), ('numpy', 'dtype')])
+
+
+def _latin1_bytes(text, encoding):
+    """Python 3 pickles bytes with protocol 2 as `_codecs.encode(text, 'latin1')` (old numpy's
+    np.save did so); only that conversion is admitted, not the other codecs."""
+    if encoding not in ('latin1', 'latin-1') or not isinstance(text, str):
+        raise pickle.UnpicklingError(f'refusing _codecs.encode with {encoding!r}')
+    return text.encode('latin1')
+
+
+class _CSSUnpickler(pickle.Unpickler):
+    """np.load(allow_pickle=True) runs whatever a hostile file names; this admits only the
+    numpy globals of CSS_PICKLE_GLOBALS (dicts, lists, strings and numbers need none)."""
+
+    def find_class(self, module, name):
+        if (module, name) == ('_codecs', 'encode'):
+            return _latin1_bytes
+        if (module, name) not in CSS_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f'refusing {module}.{name}: a CSS data file holds only '
+                                         f'dicts, lists, strings, numbers and numpy arrays')
+        return super().find_class(module, name)
+
+
+def _read_css_pickle(data_file):
+    """The object a .npy file of one pickled object (a 0-d object array) holds."""
+    with open(data_file, 'rb') as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f'.npy format version {version} (expected 1.0 or 2.0)')
+        if dtype != np.dtype(object) or shape != ():
+            raise ValueError(f'expected one pickled object (a 0-d object array), found an array '
+                             f'of shape {shape} and type {dtype}')
+        # Python 2 wrote byte strings: latin1 maps every byte to one character, as np.load does.
+        obj = _CSSUnpickler(f, encoding='latin1').load()
+    return obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
 
 
 def load_css_data(path):
@@ -192,10 +241,87 @@ def load_css_data(path):
         raise DatasetError(f'{data_file}: CSS data file not found (is --dataset_path a CSS3D '
                            f'dataset? make_css_dataset.py generates one)')
     try:
-        # The released file is a Python 2 pickle of a dict inside a 0-d object array.
-        return np.load(data_file, allow_pickle=True, encoding='latin1').item()
+        data = _read_css_pickle(data_file)
     except Exception as e:  # corrupt or foreign files raise many different types
-        raise DatasetError(f'{data_file}: cannot read CSS data ({type(e).__name__}: {e})') from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetError(f'{data_file}: cannot read CSS data ({reason})') from None
+    if not isinstance(data, dict):
+        raise DatasetError(f'{data_file}: expected a dict of splits (train, test), found '
+                           f'{_kind(data)}')
+    return data
+
+
+def _kind(value):
+    """What a value is, for an error message: its type and the start of its repr."""
+    text = repr(value)
+    return f'{type(value).__name__} {text[:40]}{"..." if len(text) > 40 else ""}'
+
+
+def _is_sequence(value):
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _is_index(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_css_split(data_file, split, split_data):
+    """A DatasetError naming the file and the first problem, where the split's structure is not
+    what SPEC 2.1 describes; the sampler would otherwise fail on it mid-training."""
+    def fail(problem):
+        raise DatasetError(f'{data_file}: split "{split}": {problem}')
+    if not isinstance(split_data, dict):
+        fail(f'expected a dict with objects_img and mods, found {_kind(split_data)}')
+    for key in ('objects_img', 'mods'):
+        if key not in split_data:
+            fail(f'no "{key}" (it has {", ".join(sorted(map(str, split_data))) or "nothing"})')
+    objects_img, mods = split_data['objects_img'], split_data['mods']
+    if not _is_sequence(objects_img):
+        fail(f'objects_img: expected a list (one list of objects per image), found {_kind(objects_img)}')
+    for i, objects in enumerate(objects_img):
+        if not _is_sequence(objects) or not all(isinstance(o, dict) for o in objects):
+            fail(f'objects_img[{i}]: expected a list of objects (dicts), found {_kind(objects)}')
+    labels = split_data.get('labels')
+    if labels is not None and (not _is_sequence(labels) or len(labels) != len(objects_img)):
+        fail(f'labels: expected one per image ({len(objects_img)}), found {_kind(labels)}')
+    if not _is_sequence(mods):
+        fail(f'mods: expected a list, found {_kind(mods)}')
+    for m, mod in enumerate(mods):
+        _check_css_mod(fail, m, mod, len(objects_img))
+
+
+def _check_css_mod(fail, m, mod, num_images):
+    if not isinstance(mod, dict) or not {'from', 'to', 'to_str'} <= set(mod):
+        fail(f'mods[{m}]: expected a dict with from, to and to_str, found {_kind(mod)}')
+    if not isinstance(mod['to_str'], str):
+        fail(f'mods[{m}]["to_str"]: expected a text, found {_kind(mod["to_str"])}')
+    if not (_is_sequence(mod['from']) and _is_sequence(mod['to'])
+            and len(mod['from']) == len(mod['to'])):
+        fail(f'mods[{m}]: "from" and "to" must be lists of image indices of the same length')
+    for key in ('from', 'to'):
+        for value in mod[key]:
+            if not _is_index(value) or not 0 <= value < num_images:
+                fail(f'mods[{m}]["{key}"]: {value!r} is not an image index (0 to '
+                     f'{num_images - 1})')
+
+
+CSS_SHAPES = ('rectangle', 'circle', 'triangle')
+
+
+def check_css_drawable(data_file, split, objects_img):
+    """What draw_css_2d_image needs of every object, checked before training draws them."""
+    for i, objects in enumerate(objects_img):
+        for obj in objects:
+            pos = obj.get('pos')
+            if (obj.get('shape') not in CSS_SHAPES or obj.get('color') not in CSS_COLORS
+                    or 'size' not in obj or not _is_sequence(pos) or len(pos) != 2
+                    or not all(isinstance(v, (int, float, np.number)) and 0 <= v <= 1
+                               for v in pos)):
+                raise DatasetError(
+                    f'{data_file}: split "{split}": objects_img[{i}]: cannot draw {_kind(obj)} '
+                    f'(an object needs shape in {"/".join(CSS_SHAPES)}, color in '
+                    f'{"/".join(CSS_COLORS)}, size and pos = (row, column) fractions; there '
+                    f'is no images/ folder, so images are drawn in 2D)')
 
 
 class CSSDataset(BaseDataset):
@@ -209,9 +335,11 @@ class CSSDataset(BaseDataset):
         self.split = split
         self.transform = transform
         data = load_css_data(path)
+        data_file = os.path.join(path, CSS_DATA_FILE)
         if split not in data:
-            raise DatasetError(f'{os.path.join(path, CSS_DATA_FILE)}: no "{split}" split '
-                               f'(has {sorted(data)})')
+            raise DatasetError(f'{data_file}: no "{split}" split (has '
+                               f'{", ".join(sorted(map(str, data))) or "none"})')
+        check_css_split(data_file, split, data[split])
         self.data = data
         self.mods = data[split]['mods']
         labels = data[split].get('labels')
@@ -224,18 +352,34 @@ class CSSDataset(BaseDataset):
             for source, target in zip(mod['from'], mod['to']):
                 self.imgid2modtarget[source].append((mod_id, target))
         self.img_path = self._find_image_folder(use_2d)
+        if self.img_path is None:
+            check_css_drawable(data_file, split, data[split]['objects_img'])
+        self._reported_images = set()
         self.last_from, self.last_mod = None, []
         self.generate_test_queries_()
 
     def _find_image_folder(self, use_2d):
-        """PNGs when the split has them, otherwise None: images are drawn in 2D."""
+        """The images/ folder, or None: images drawn in 2D.  Decided once, for the whole split:
+        with an images/ folder every PNG the data names must be there (one stat each)."""
         folder = os.path.join(self.path, 'images')
-        if use_2d or not self.imgs or not os.path.isfile(self._png_path(folder, 0)):
+        if use_2d or not os.path.isdir(folder):
             return None
+        missing = [i for i in range(len(self.imgs))
+                   if not os.path.isfile(self._png_path(folder, i))]
+        if missing:
+            names = ', '.join(os.path.basename(self._png_path(folder, i)) for i in missing[:3])
+            raise DatasetError(
+                f'{folder}: {len(missing)} of the {len(self.imgs)} {self.split} images are '
+                f'missing ({names}{", ..." if len(missing) > 3 else ""}); without the images/ '
+                f'folder every image is drawn in 2D instead')
         return folder
 
     def _png_path(self, folder, idx):
         return os.path.join(folder, 'css_%s_%06d.png' % (self.split, int(idx)))
+
+    def image_file(self, idx):
+        """The PNG of image `idx`, or None when images are drawn in 2D."""
+        return None if self.img_path is None else self._png_path(self.img_path, idx)
 
     def generate_test_queries_(self):
         self.test_queries = [
@@ -268,30 +412,44 @@ class CSSDataset(BaseDataset):
         return self.last_from, mod_id, target
 
     def generate_random_query_target(self):
-        if self.last_from is not None and len(self.last_mod) < 2:
-            source, mod_id, target = self.get_2nd_training_query()
-        else:
-            source, mod_id, target = self.get_1st_training_query()
-        return {
-            'source_img_id': source,
-            'source_img_data': self.get_img(source),
-            'source_caption': self.imgs[source]['captions'][0],
-            'target_img_id': target,
-            'target_img_data': self.get_img(target),
-            'target_caption': self.imgs[target]['captions'][0],
-            'mod': {'id': mod_id, 'str': self.mods[mod_id]['to_str']},
-        }
+        """A training example; one whose image cannot be read is reported (once per file) and
+        replaced by a fresh pair, since the unreadable image may be the pair's shared source."""
+        for _ in range(MAX_REDRAWS):
+            if self.last_from is not None and len(self.last_mod) < 2:
+                source, mod_id, target = self.get_2nd_training_query()
+            else:
+                source, mod_id, target = self.get_1st_training_query()
+            try:
+                source_img, target_img = self.get_img(source), self.get_img(target)
+            except ImageReadError as e:
+                last_error = e
+                self._report_unreadable(e)
+                self.last_from, self.last_mod = None, []
+                continue
+            return {
+                'source_img_id': source,
+                'source_img_data': source_img,
+                'source_caption': self.imgs[source]['captions'][0],
+                'target_img_id': target,
+                'target_img_data': target_img,
+                'target_caption': self.imgs[target]['captions'][0],
+                'mod': {'id': mod_id, 'str': self.mods[mod_id]['to_str']},
+            }
+        raise DatasetError(f'{self.img_path}: {MAX_REDRAWS} training examples in a row had an '
+                           f'unreadable image (last: {last_error.path})')
+
+    def _report_unreadable(self, error):
+        if error.path not in self._reported_images:
+            self._reported_images.add(error.path)
+            print(f'warning: {error}; skipping it and drawing another training example',
+                  file=sys.stderr, flush=True)
 
     def get_img(self, idx, raw_img=False, get_2d=False):
+        """An unreadable PNG is an ImageReadError (a DatasetError) naming it."""
         if self.img_path is None or get_2d:
             img = draw_css_2d_image(self.imgs[idx]['objects']).astype(np.float32)
         else:
-            img_file = self._png_path(self.img_path, idx)
-            try:
-                with PIL.Image.open(img_file) as f:
-                    img = f.convert('RGB')
-            except (OSError, ValueError) as e:
-                raise DatasetError(f'{img_file}: cannot read image ({e})') from None
+            img = open_photo(self._png_path(self.img_path, idx))
         if raw_img:
             return img
         if self.transform:

@@ -470,3 +470,228 @@ def test_missing_split_is_a_dataset_error(tmp_path):
             allow_pickle=True)
     with pytest.raises(datasets.DatasetError, match='test'):
         make_dataset(root, 'test')
+
+
+# --------------------------------------------------------------------------------------------
+# Safe loading (issue 12, item 10), structure (item 9) and the image source (item 4)
+# --------------------------------------------------------------------------------------------
+
+def test_np_save_with_numpy_arrays_and_scalars_loads_as_np_load_reads_it(tmp_path):
+    root = str(tmp_path / 'numpy_values')
+    data = write_css_fixture(root)
+    for split in data.values():  # numpy scalars and arrays where a numpy-built file has them
+        split['labels'] = np.array(split['labels'], dtype=np.int64)
+        split['objects_img'][0][0]['pos'] = np.array(split['objects_img'][0][0]['pos'])
+        split['mods'][0]['from'] = [np.int64(i) for i in split['mods'][0]['from']]
+        split['objects_img'][1][0]['pos'] = tuple(np.float64(v) for v in split['objects_img'][1][0]['pos'])
+    path = os.path.join(root, datasets.CSS_DATA_FILE)
+    np.save(path, np.array(data, dtype=object), allow_pickle=True)
+    loaded = datasets.load_css_data(root)
+    expected = np.load(path, allow_pickle=True, encoding='latin1').item()
+    assert repr(loaded) == repr(expected)
+    assert isinstance(loaded['test']['labels'], np.ndarray)
+    ds = make_dataset(root, 'test')
+    assert [img['captions'][0] for img in ds.imgs] == [str(v) for v in data['test']['labels']]
+    assert ds.get_img(1).shape == (3, 64, 64)
+
+
+def test_python2_pickle_with_numpy_scalars_loads(tmp_path):
+    root = root_dir(str(tmp_path / 'py2np'))
+    split = {'objects_img': [[obj('circle', 'red', 'large', 'top', 'left')],
+                             [obj('circle', 'blue', 'large', 'top', 'left')]],
+             'mods': [{'from': [np.int64(0)], 'to': [np.int64(1)], 'to_str': 'make it blue'}],
+             'labels': np.array([7, 9])}
+    path = os.path.join(root, datasets.CSS_DATA_FILE)
+    write_python2_npy(path, {'train': split, 'test': split})
+    with open(path, 'rb') as f:
+        assert b'cnumpy.core.multiarray\nscalar\n' in f.read()
+    ds = make_dataset(root, 'test')
+    assert [img['captions'] for img in ds.imgs] == [['7'], ['9']]
+    assert ds.get_test_queries()[0]['target_img_id'] == 1
+
+
+class _Shell:
+    """Unpickling it runs a shell command (what a hostile .npy can do with np.load)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def write_hostile_npy(root, marker):
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, datasets.CSS_DATA_FILE)
+    with open(path, 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+        pickle.dump(np.array({'train': _Shell(f'touch {marker}')}, dtype=object), f, protocol=2)
+    return path
+
+
+def test_a_crafted_data_file_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / 'ran'
+    path = write_hostile_npy(str(tmp_path / 'hostile'), marker)
+    np.load(path, allow_pickle=True)  # the threat is real: np.load runs the command
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(datasets.DatasetError) as info:
+        make_dataset(str(tmp_path / 'hostile'))
+    message = str(info.value)
+    assert message.startswith(path) and 'refusing posix.system' in message
+    assert '\n' not in message
+    assert not marker.exists()
+
+
+def test_a_crafted_data_file_through_main_is_a_one_line_error(tmp_path):
+    from conftest import TINY, run_main
+    marker = tmp_path / 'ran'
+    root = str(tmp_path / 'hostile')
+    write_hostile_npy(root, marker)
+    result = run_main(TINY + [f'--dataset_path={root}', '--num_iters=1'], cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith('main.py: error: ') and 'refusing posix.system' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def _broken(mutate):
+    def write(root):
+        data = write_css_fixture(root)
+        mutate(data)
+        np.save(os.path.join(root, datasets.CSS_DATA_FILE), np.array(data, dtype=object),
+                allow_pickle=True)
+    return write
+
+
+def _write_plain(value):
+    def write(root):
+        os.makedirs(root, exist_ok=True)
+        np.save(os.path.join(root, datasets.CSS_DATA_FILE), np.array(value, dtype=object),
+                allow_pickle=True)
+    return write
+
+
+BROKEN_FILES = {
+    'a 0-d int': (_write_plain(3), 'expected a dict of splits'),
+    'a numeric array': (lambda root: os.makedirs(root, exist_ok=True) or np.save(
+        os.path.join(root, datasets.CSS_DATA_FILE), np.arange(4)), 'expected one pickled object'),
+    'split not a dict': (_broken(lambda d: d.update(train=[1, 2])), 'split "train": expected a dict'),
+    'no mods': (_broken(lambda d: d['train'].pop('mods')), 'split "train": no "mods"'),
+    'no objects_img': (_broken(lambda d: d['train'].pop('objects_img')), 'no "objects_img"'),
+    'index out of range': (_broken(lambda d: d['train']['mods'][3].update(to=[10 ** 6])),
+                           'mods[3]["to"]: 1000000 is not an image index'),
+    'negative index': (_broken(lambda d: d['train']['mods'][0].update({'from': [-1]})),
+                       'mods[0]["from"]: -1 is not an image index'),
+    'from and to differ in length': (_broken(lambda d: d['train']['mods'][1].update(to=[1, 2])),
+                                     'mods[1]: "from" and "to"'),
+    'mod without text': (_broken(lambda d: d['train']['mods'][2].pop('to_str')),
+                         'mods[2]: expected a dict with from, to and to_str'),
+    'objects not a list': (_broken(lambda d: d['train']['objects_img'].__setitem__(4, 'scene')),
+                           'objects_img[4]: expected a list of objects'),
+    'labels too short': (_broken(lambda d: d['train']['labels'].pop()), 'labels: expected one per image'),
+    'undrawable colour': (_broken(lambda d: d['train']['objects_img'][5][0].update(color='pink')),
+                          'objects_img[5]: cannot draw'),
+    'object without pos': (_broken(lambda d: d['train']['objects_img'][6][0].pop('pos')),
+                           'objects_img[6]: cannot draw'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BROKEN_FILES))
+def test_a_data_file_of_the_wrong_structure_is_a_one_line_dataset_error(tmp_path, case):
+    write, fragment = BROKEN_FILES[case]
+    root = str(tmp_path / 'broken')
+    write(root)
+    with pytest.raises(datasets.DatasetError) as info:
+        make_dataset(root, 'train')
+    message = str(info.value)
+    assert message.startswith(os.path.join(root, datasets.CSS_DATA_FILE) + ': ')
+    assert fragment in message and '\n' not in message
+
+
+def test_undrawable_objects_are_fine_with_pngs(tmp_path):
+    root = str(tmp_path / 'pngs')
+    data = write_css_fixture(root, pngs=True)
+    data['train']['objects_img'][5][0]['color'] = 'pink'  # a colour of real renders, say
+    np.save(os.path.join(root, datasets.CSS_DATA_FILE), np.array(data, dtype=object), allow_pickle=True)
+    assert make_dataset(root, 'train').get_img(5).shape == (3, 64, 64)
+
+
+def test_objects_at_the_border_are_cut_not_wrapped_around():
+    for shape in ('rectangle', 'circle', 'triangle'):
+        img = datasets.draw_css_2d_image([{'shape': shape, 'color': 'red', 'size': 'large',
+                                           'pos': (1.0, 0.0)}])
+        red = coloured(img, 'red')
+        assert red[56:, :8].any(), shape
+        assert not red[:40].any() and not red[:, 40:].any(), shape
+
+
+@pytest.mark.parametrize('missing', [0, 5])
+def test_a_missing_png_is_found_when_the_dataset_is_built(tmp_path, missing):
+    root = str(tmp_path / 'pngs')
+    write_css_fixture(root, pngs=True)
+    for idx in (missing, 9, 11, 13):
+        os.remove(os.path.join(root, 'images', 'css_test_%06d.png' % idx))
+    assert make_dataset(root, 'train').img_path == os.path.join(root, 'images')
+    with pytest.raises(datasets.DatasetError) as info:
+        make_dataset(root, 'test')
+    message = str(info.value)
+    assert message.startswith(os.path.join(root, 'images') + ': 4 of the 36 test images are missing')
+    first = sorted([missing, 9, 11])
+    assert ', '.join('css_test_%06d.png' % i for i in first) + ', ...' in message
+    assert '\n' not in message
+    assert make_dataset(root, 'test', use_2d=True).img_path is None  # 2D asked for: no PNG read
+
+
+def test_without_an_images_folder_both_splits_are_drawn(tmp_path):
+    root = str(tmp_path / 'pngs')
+    write_css_fixture(root, pngs=True)
+    import shutil
+    shutil.rmtree(os.path.join(root, 'images'))
+    for split in ('train', 'test'):
+        assert make_dataset(root, split).img_path is None
+
+
+def test_a_corrupt_png_in_training_is_reported_once_and_redrawn(tmp_path, capsys):
+    root = str(tmp_path / 'badpng')
+    write_css_fixture(root, pngs=True)
+    ds = make_dataset(root, 'train')
+    data = load_fixture_data(root)['train']
+    bad = data['mods'][0]['from'][0]  # a source: both mods of its scene have it
+    bad_target = data['mods'][3]['to'][0]  # its source is fine: the pair must start afresh
+    bad_file = os.path.join(root, 'images', 'css_train_%06d.png' % bad)
+    for idx in (bad, bad_target):
+        with open(os.path.join(root, 'images', 'css_train_%06d.png' % idx), 'wb') as f:
+            f.write(b'not a png')
+    np.random.seed(0)
+    random.seed(0)
+    examples, states = [], []
+    for i in range(200):
+        examples.append(ds[i])
+        states.append((ds.last_from, list(ds.last_mod)))
+    err = capsys.readouterr().err
+    assert err.count(bad_file) == 1 and 'drawing another training example' in err
+    assert all(not {bad, bad_target} & {e['source_img_id'], e['target_img_id']} for e in examples)
+    for example in examples:
+        assert_real_pair(ds, example)
+    # The pairs continue after a redraw: each example is a first or the second of its source.
+    for (source, mods), example in zip(states, examples):
+        assert source == example['source_img_id'] and mods[-1] == example['mod']['id']
+    assert len(states[0][1]) == 1
+    for i in range(1, len(examples)):
+        if len(states[i][1]) == 2:  # a second example follows the first of its source
+            assert len(states[i - 1][1]) == 1
+            assert examples[i - 1]['source_img_id'] == examples[i]['source_img_id']
+    with pytest.raises(datasets.DatasetError, match='css_train_%06d.png' % bad):
+        ds.get_img(bad)  # at test time: an error naming the file
+
+
+def test_every_png_unreadable_stops_with_a_dataset_error(tmp_path):
+    root = str(tmp_path / 'allbad')
+    write_css_fixture(root, num_scenes=3, pngs=True)
+    ds = make_dataset(root, 'train')
+    for name in os.listdir(os.path.join(root, 'images')):
+        with open(os.path.join(root, 'images', name), 'wb') as f:
+            f.write(b'x')
+    with pytest.raises(datasets.DatasetError, match='training examples in a row had an unreadable'):
+        ds[0]
