@@ -20,10 +20,13 @@ the test texts occurs in the train texts.
 With --pngs the images are also rendered (64x64, 2D, as the reference did) to
 OUT/images/css_<split>_<index:06d>.png.
 
-Usage: python make_css_dataset.py OUT [--base_scenes N] [--seed S] [--pngs]
+OUT must be new or empty: the real CSS3D renders use these very file names.  OUT/.make_css_dataset.json
+records what was written, and --overwrite replaces exactly those files, never others.
+
+Usage: python make_css_dataset.py OUT [--base_scenes N] [--seed S] [--pngs] [--overwrite]
 """
 import argparse
-import glob
+import json
 import os
 import random
 import string
@@ -380,48 +383,120 @@ def split_words(split_data):
     return words
 
 
+def png_name(split, idx):
+    return os.path.join('images', 'css_%s_%06d.png' % (split, idx))
+
+
 def write_pngs(out_dir, split, split_data):
     import PIL.Image
-    folder = os.path.join(out_dir, 'images')
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
     cache = {}
     for idx, (objects, label) in enumerate(zip(split_data['objects_img'], split_data['labels'])):
         img = cache.get(label)
         if img is None:
             img = (draw_css_2d_image(objects) * 255).round().astype(np.uint8)
             cache[label] = img
-        PIL.Image.fromarray(img).save(os.path.join(folder, 'css_%s_%06d.png' % (split, idx)))
+        PIL.Image.fromarray(img).save(os.path.join(out_dir, png_name(split, idx)))
 
 
-def remove_stale_pngs(out_dir):
-    """PNGs of an earlier run would be read instead of the new scenes: remove them."""
-    stale = []
-    for split in SPLITS:
-        stale += glob.glob(os.path.join(out_dir, 'images', f'css_{split}_[0-9]*.png'))
-    for path in stale:
-        os.remove(path)
-    return len(stale)
+# ---------------------------------------------------------------------------------------------
+# The output folder.  Real CSS3D renders use the very names written here, so a folder that is not
+# empty is refused, and --overwrite deletes only what the record (MANIFEST) says this script wrote.
+
+MANIFEST = '.make_css_dataset.json'
+NAMES_PREVIEW = 3
 
 
-def generate_css_dataset(out_dir, base_scenes=1000, seed=0, pngs=False, mods_per_split=None,
-                         verbose=True):
-    """Write a synthetic CSS dataset to `out_dir` and return the path of its npy file.
+class OutputFolderError(FileExistsError):
+    """The output folder holds files this script must not replace (reported as one line)."""
 
-    base_scenes: base scenes per split (>= 3); mods_per_split: modifications per split
-    (default 6 * base_scenes; raised where needed so that every base scene is the source of
-    at least 2 modifications, and for train so that its texts use every word); pngs: also write
-    OUT/images/css_<split>_<index:06d>.png.  Raises ValueError for bad arguments and
-    NotADirectoryError when out_dir is a file.
-    """
-    log = print if verbose else (lambda *a, **k: None)
-    if base_scenes < MIN_BASE_SCENES:
-        raise ValueError(f'base_scenes must be at least {MIN_BASE_SCENES}, got {base_scenes}')
-    n_mods = 6 * base_scenes if mods_per_split is None else mods_per_split
-    if n_mods < 0:
-        raise ValueError(f'mods_per_split must be >= 0, got {mods_per_split}')
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+
+def _preview(names):
+    more = ', ...' if len(names) > NAMES_PREVIEW else ''
+    noun = 'entry' if len(names) == 1 else 'entries'
+    return f'{len(names)} {noun}: {", ".join(names[:NAMES_PREVIEW])}{more}'
+
+
+def recorded_files(out_dir):
+    """{relative name: size or None} of the files an earlier run recorded having written; a
+    recorded size is that of a file that must be unchanged to be replaced (a copy keeps it)."""
+    manifest = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(manifest):
+        return {}
+    try:
+        with open(manifest, encoding='utf-8') as f:
+            record = json.load(f)
+        files = {CSS_DATA_FILE: record.get('data_file'), CSS_DATA_FILE + '.tmp': None}
+        for split, count in record.get('pngs', {}).items():
+            if split in SPLITS:
+                files.update((png_name(split, i), None) for i in range(int(count)))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise OutputFolderError(f'{manifest}: unreadable record of the files make_css_dataset.py '
+                                f'wrote ({type(e).__name__}); not overwriting anything') from None
+    return files
+
+
+def named_like_ours(out_dir):
+    """The files in out_dir that a dataset of this layout has (ours or real CSS3D ones)."""
+    names = [n for n in (CSS_DATA_FILE, CSS_DATA_FILE + '.tmp')
+             if os.path.isfile(os.path.join(out_dir, n))]
+    images = os.path.join(out_dir, 'images')
+    if os.path.isdir(images):
+        names += sorted(os.path.join('images', n) for n in os.listdir(images)
+                        if n.startswith('css_') and n.endswith('.png'))
+    return names
+
+
+def files_to_replace(out_dir, overwrite):
+    """The files of an earlier run of this script to delete before writing; OutputFolderError
+    when out_dir is not empty without `overwrite`, or holds such files that it did not write."""
+    if not os.path.exists(out_dir):
+        return []
+    if not os.path.isdir(out_dir):
         raise NotADirectoryError(f'{out_dir}: exists and is not a directory')
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return []
+    if not overwrite:
+        raise OutputFolderError(
+            f'{out_dir}: not empty ({_preview(entries)}); give --overwrite to replace a dataset '
+            f'make_css_dataset.py wrote there, or choose a new or empty folder')
+    recorded = recorded_files(out_dir)
+    foreign = []
+    for name in named_like_ours(out_dir):
+        if name not in recorded:
+            foreign.append(name)
+        elif recorded[name] is not None and os.path.getsize(os.path.join(out_dir, name)) != recorded[name]:
+            foreign.append(name)  # replaced since this script wrote it
+    if foreign:
+        raise OutputFolderError(
+            f'{os.path.join(out_dir, foreign[0])}: not written by make_css_dataset.py (no record '
+            f'in {MANIFEST}, or changed since){"" if len(foreign) == 1 else f", and {len(foreign) - 1} more"}; '
+            f'--overwrite replaces only files this script wrote: move them away or choose '
+            f'another folder')
+    return [name for name in recorded if os.path.isfile(os.path.join(out_dir, name))]
 
+
+def remove_files(out_dir, names):
+    for name in names:
+        os.remove(os.path.join(out_dir, name))
+    images = os.path.join(out_dir, 'images')
+    if os.path.isdir(images) and not os.listdir(images):
+        os.rmdir(images)  # an empty images/ folder would make the loader expect PNGs
+
+
+def write_manifest(out_dir, pngs, data_file_size=None):
+    """Written before the files (a killed run leaves a record of what it may have written) and
+    again after, with the data file's size."""
+    path = os.path.join(out_dir, MANIFEST)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump({'written_by': 'make_css_dataset.py', 'data_file': data_file_size,
+                   'pngs': pngs}, f)
+    os.replace(path + '.tmp', path)
+
+
+def generate_data(base_scenes, seed, n_mods):
+    """{'train': ..., 'test': ...}, checked against the promises of the module docstring."""
     data = {'train': generate_split('train', base_scenes, seed, n_mods)}
     train_words = split_words(data['train'])
     data['test'] = generate_split('test', base_scenes, seed, n_mods, allowed_words=train_words)
@@ -432,28 +507,52 @@ def generate_css_dataset(out_dir, base_scenes=1000, seed=0, pngs=False, mods_per
         for obj in objects:
             if (obj['shape'], obj['color']) in NOVEL_COMBOS:
                 raise RuntimeError(f'novel combination in train: {obj}')
+    return data
+
+
+def generate_css_dataset(out_dir, base_scenes=1000, seed=0, pngs=False, mods_per_split=None,
+                         verbose=True, overwrite=False):
+    """Write a synthetic CSS dataset to `out_dir` and return the path of its npy file.
+
+    base_scenes: base scenes per split (>= 3); mods_per_split: modifications per split
+    (default 6 * base_scenes; raised where needed so that every base scene is the source of
+    at least 2 modifications, and for train so that its texts use every word); pngs: also write
+    OUT/images/css_<split>_<index:06d>.png.  out_dir must be new or empty, unless `overwrite`:
+    then the files an earlier run wrote there are replaced, and no other file is touched.
+    Raises ValueError for bad arguments, NotADirectoryError when out_dir is a file and
+    OutputFolderError (a FileExistsError) for a folder it must not write into.
+    """
+    log = print if verbose else (lambda *a, **k: None)
+    if base_scenes < MIN_BASE_SCENES:
+        raise ValueError(f'base_scenes must be at least {MIN_BASE_SCENES}, got {base_scenes}')
+    n_mods = 6 * base_scenes if mods_per_split is None else mods_per_split
+    if n_mods < 0:
+        raise ValueError(f'mods_per_split must be >= 0, got {mods_per_split}')
+    files_to_replace(out_dir, overwrite)  # refused before the seconds of generating
+    data = generate_data(base_scenes, seed, n_mods)
+    old_files = files_to_replace(out_dir, overwrite)  # again: the folder may have changed since
+    remove_files(out_dir, old_files)
+    if old_files:
+        log(f'removed the {len(old_files)} files of the dataset make_css_dataset.py wrote earlier')
 
     os.makedirs(out_dir, exist_ok=True)
+    png_counts = {split: len(data[split]['objects_img']) if pngs else 0 for split in SPLITS}
+    write_manifest(out_dir, png_counts)
     path = os.path.join(out_dir, CSS_DATA_FILE)
-    replaced = os.path.exists(path)
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    with open(path + '.tmp', 'wb') as f:
         np.save(f, np.array(data, dtype=object), allow_pickle=True)
-    os.replace(tmp, path)
+    os.replace(path + '.tmp', path)
     if pngs:
         for split in SPLITS:
             write_pngs(out_dir, split, data[split])
-    else:
-        n_stale = remove_stale_pngs(out_dir)
-        if n_stale:
-            log(f'removed {n_stale} PNGs of an earlier dataset from {os.path.join(out_dir, "images")}')
+    write_manifest(out_dir, png_counts, os.path.getsize(path))
     for split in SPLITS:
         d = data[split]
         n_queries = sum(len(m['from']) for m in d['mods'])
         log(f'{split}: {len(d["objects_img"])} images ({base_scenes} base scenes, '
             f'{len(set(d["labels"]))} distinct scenes), {len(d["mods"])} mods, '
             f'{n_queries} queries')
-    log(f'{"replaced" if replaced else "wrote"} {path}' + (' (with PNGs)' if pngs else ''))
+    log(f'wrote {path}' + (' (with PNGs)' if pngs else ''))
     return path
 
 
@@ -461,7 +560,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Generate a synthetic CSS dataset in the CSS3D format '
                     f'(OUT/{CSS_DATA_FILE}, optionally OUT/images/*.png).')
-    parser.add_argument('out', metavar='OUT', help='output folder (created if missing)')
+    parser.add_argument('out', metavar='OUT', help='output folder: new or empty (created if missing)')
     parser.add_argument('--base_scenes', type=int, default=1000,
                         help='base scenes per split; each split gets 6 modifications per base '
                              f'scene, 3 pairs each (default: 1000, minimum {MIN_BASE_SCENES})')
@@ -470,6 +569,10 @@ def parse_args(argv=None):
     parser.add_argument('--pngs', action='store_true',
                         help='also write 64x64 PNG renderings to OUT/images (default: off; '
                              'without them the images are drawn in 2D when loaded)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help=f'replace a dataset this script wrote in OUT before (the files '
+                             f'{MANIFEST} lists); other files are left alone, and files of '
+                             f'the dataset layout that it did not write are refused')
     args = parser.parse_args(argv)
     if args.base_scenes < MIN_BASE_SCENES:
         parser.error(f'--base_scenes must be at least {MIN_BASE_SCENES} (each modification '
@@ -482,7 +585,7 @@ def main(argv=None):
     start = time.time()
     try:
         generate_css_dataset(args.out, base_scenes=args.base_scenes, seed=args.seed,
-                             pngs=args.pngs)
+                             pngs=args.pngs, overwrite=args.overwrite)
     except NotADirectoryError as e:
         print(f'make_css_dataset.py: error: {e}', file=sys.stderr)
         return 2

@@ -234,9 +234,11 @@ def test_pngs(tmp_path):
             assert np.array_equal(png, expected)
         assert not os.path.exists(
             os.path.join(out_dir, 'images', 'css_%s_%06d.png' % (split, len(objs))))
-    # Regenerating without PNGs removes the now stale ones.
-    mcd.generate_css_dataset(out_dir, base_scenes=6, seed=3, mods_per_split=6, verbose=False)
-    assert not [n for n in os.listdir(os.path.join(out_dir, 'images')) if n.endswith('.png')]
+    # Regenerating without PNGs removes the now stale ones, and their folder (the loader would
+    # otherwise expect PNGs).
+    mcd.generate_css_dataset(out_dir, base_scenes=6, seed=3, mods_per_split=6, verbose=False,
+                             overwrite=True)
+    assert not os.path.exists(os.path.join(out_dir, 'images'))
 
 
 def test_bad_arguments(tmp_path):
@@ -260,8 +262,8 @@ def test_cli(tmp_path):
     assert DATA_FILE in r.stdout and 'train:' in r.stdout and 'test:' in r.stdout
     d = load(str(out_dir))
     assert len(d['train']['objects_img']) >= 20 + 3 * 120
-    r = run_cli(str(out_dir), '--base_scenes', '20')  # overwriting is fine
-    assert r.returncode == 0 and 'replaced' in r.stdout
+    r = run_cli(str(out_dir), '--base_scenes', '20', '--overwrite')  # its own dataset
+    assert r.returncode == 0 and 'removed the 1 files' in r.stdout, r.stderr
     assert load(str(out_dir)) == d
 
 
@@ -276,3 +278,106 @@ def test_cli_errors(tmp_path):
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     r = run_cli('--help')
     assert r.returncode == 0 and 'default: 1000' in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder (issue 12, item 1): real CSS3D renders use the same names.
+
+def folder_contents(root):
+    """{relative path: bytes} of every file under root."""
+    contents = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, 'rb') as f:
+                contents[os.path.relpath(path, root)] = f.read()
+    return contents
+
+
+def real_dataset(root):
+    """A dataset make_css_dataset.py did not write: the data file and PNGs of the CSS3D layout."""
+    from conftest import write_css_fixture
+    write_css_fixture(root, num_scenes=3, pngs=True)
+    with open(os.path.join(root, 'README'), 'w') as f:
+        f.write('renders from Blender')
+    return folder_contents(root)
+
+
+def test_a_folder_that_is_not_empty_is_refused_and_left_alone(tmp_path):
+    root = str(tmp_path / 'css3d')
+    before = real_dataset(root)
+    with pytest.raises(mcd.OutputFolderError) as info:
+        mcd.generate_css_dataset(root, base_scenes=BASE, verbose=False)
+    message = str(info.value)
+    assert message.startswith(f'{root}: not empty (3 entries: README, {DATA_FILE}, images)')
+    assert '--overwrite' in message and '\n' not in message
+    assert folder_contents(root) == before
+
+
+def test_overwrite_refuses_files_it_did_not_write(tmp_path):
+    root = str(tmp_path / 'css3d')
+    before = real_dataset(root)
+    with pytest.raises(mcd.OutputFolderError) as info:
+        mcd.generate_css_dataset(root, base_scenes=BASE, verbose=False, overwrite=True)
+    assert str(info.value).startswith(os.path.join(root, DATA_FILE) + ': not written by '
+                                      'make_css_dataset.py')
+    assert 'and 18 more' in str(info.value)  # the 2 x 9 PNGs
+    assert folder_contents(root) == before
+    os.remove(os.path.join(root, DATA_FILE))  # the PNGs alone are refused as well
+    with pytest.raises(mcd.OutputFolderError, match='images/css_test_000000.png: not written'):
+        mcd.generate_css_dataset(root, base_scenes=BASE, verbose=False, overwrite=True)
+    assert len(os.listdir(os.path.join(root, 'images'))) == 18
+
+
+def test_overwrite_replaces_exactly_its_own_files(tmp_path):
+    root = str(tmp_path / 'synth')
+    mcd.generate_css_dataset(root, base_scenes=4, seed=0, pngs=True, mods_per_split=4, verbose=False)
+    pngs = sorted(os.listdir(os.path.join(root, 'images')))
+    with open(os.path.join(root, 'notes.txt'), 'w') as f:
+        f.write('mine')
+    with open(os.path.join(root, 'images', 'other.png'), 'wb') as f:
+        f.write(b'not a css image: kept')
+    mcd.generate_css_dataset(root, base_scenes=4, seed=1, mods_per_split=4, verbose=False,
+                             overwrite=True)
+    assert load(root) != {}  # the new data, without PNGs
+    assert sorted(os.listdir(os.path.join(root, 'images'))) == ['other.png']
+    assert open(os.path.join(root, 'notes.txt')).read() == 'mine'
+    assert pngs[0] == 'css_test_000000.png'
+    # A PNG of the layout that the record does not list (a real render, say) stops it.
+    with open(os.path.join(root, 'images', 'css_train_000000.png'), 'wb') as f:
+        f.write(b'a render')
+    with pytest.raises(mcd.OutputFolderError, match='css_train_000000.png: not written'):
+        mcd.generate_css_dataset(root, base_scenes=4, seed=2, mods_per_split=4, verbose=False,
+                                 overwrite=True)
+
+
+def test_a_replaced_data_file_is_not_overwritten(tmp_path):
+    root = str(tmp_path / 'synth')
+    mcd.generate_css_dataset(root, base_scenes=4, seed=0, mods_per_split=4, verbose=False)
+    with open(os.path.join(root, DATA_FILE), 'ab') as f:
+        f.write(b'the real one, copied over ours')
+    before = folder_contents(root)
+    with pytest.raises(mcd.OutputFolderError, match=re.escape(DATA_FILE) + ': not written'):
+        mcd.generate_css_dataset(root, base_scenes=4, seed=1, mods_per_split=4, verbose=False,
+                                 overwrite=True)
+    assert folder_contents(root) == before
+
+
+def test_an_empty_existing_folder_is_written(tmp_path):
+    root = tmp_path / 'empty'
+    root.mkdir()  # what experiment.ensure_default_dataset may find
+    mcd.generate_css_dataset(str(root), base_scenes=4, mods_per_split=4, verbose=False)
+    assert sorted(os.listdir(root)) == ['.make_css_dataset.json', DATA_FILE]
+
+
+def test_cli_refuses_a_folder_with_a_dataset_and_overwrites_its_own(tmp_path):
+    root = str(tmp_path / 'css3d')
+    before = real_dataset(root)
+    r = run_cli(root, '--base_scenes', '5')
+    assert r.returncode == 1 and r.stdout == ''
+    assert r.stderr.startswith(f'make_css_dataset.py: error: {root}: not empty (3 entries: ')
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(root, '--base_scenes', '5', '--overwrite')
+    assert r.returncode == 1 and 'not written by make_css_dataset.py' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert folder_contents(root) == before  # test_cli overwrites a dataset of its own
