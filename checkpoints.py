@@ -1,9 +1,11 @@
 """Checkpoint files: the reference format (`it`, `opt`, `model_state_dict`) plus what a run needs to
 continue exactly and to stand alone (SPEC section 7)."""
 import argparse
+import contextlib
 import os
 import random
-import tempfile
+import re
+import secrets
 
 import numpy as np
 import torch
@@ -15,20 +17,71 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used, reported to the user as one line."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint (or feature cache) that could not be written, in one line naming the file;
+    the file it would have replaced is left as it was."""
+
+
+class _WriteRecorder:
+    """What torch.save writes to.  torch turns a failing write (a full disk) into a RuntimeError
+    that does not say why ('unexpected pos 704 vs 598'), so the OSError is kept here."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _temporary_name(path):
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f'.{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
+
+
+def remove_leftover_temporaries(path):
+    """Temporary files of saves of `path` that were killed before their rename (this module's
+    names, and mkstemp's of earlier versions)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(r'\.' + re.escape(base) + r'(\.\d+-[0-9a-f]{8}|[a-z0-9_]{8})\.tmp')
+    for name in os.listdir(folder):
+        if pattern.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
 def save_atomic(state, path):
-    """Write to a temporary file in the same folder, then rename: a crash or kill during the save
-    never leaves a truncated checkpoint behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), suffix='.tmp', dir=folder)
+    """Write to a temporary file in the same folder, then rename: a crash, a kill or a full disk
+    during the save never leaves a truncated checkpoint behind.  A failed write is a
+    CheckpointWriteError (an OSError); the file has the permissions the umask gives."""
+    tmp = _temporary_name(path)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
+        remove_leftover_temporaries(path)
+        # os.open applies the umask (mkstemp made checkpoints 0600, unlike every other file).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'wb') as f:
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save(state, recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise  # not a failed write: a bug, to be seen whole
+                raise recorder.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+            kept = 'the previous file is unchanged' if os.path.exists(path) else 'nothing written'
+            raise CheckpointWriteError(f'{path}: cannot write ({e.strerror or e}); {kept}') from None
         raise
 
 
