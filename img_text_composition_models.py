@@ -3,12 +3,16 @@
 Module names and nesting reproduce the reference exactly so that its released checkpoints load
 with `load_state_dict(strict=True)`.
 """
+import argparse
 import os
+import pickle
+import warnings
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
+import checkpoints
 import text_model
 import torch_functions
 
@@ -35,20 +39,7 @@ def load_resnet18(pretrained):
     if pretrained is False or pretrained is None:
         return torchvision.models.resnet18(weights=None)
     if isinstance(pretrained, (str, os.PathLike)):
-        model = torchvision.models.resnet18(weights=None)
-        try:
-            state = torch.load(pretrained, map_location='cpu', weights_only=True)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise WeightsUnavailableError(
-                f'cannot read ResNet-18 weights from {pretrained}: {e}') from None
-        state = state.get('state_dict', state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            first_line = str(e).strip().splitlines()[0]
-            raise WeightsUnavailableError(
-                f'{pretrained} is not a torchvision ResNet-18 state dict: {first_line}') from None
-        return model
+        return _resnet18_from_file(os.fspath(pretrained))
     try:
         return torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     except Exception as e:  # the download raises URLError, OSError, ... depending on the failure
@@ -58,6 +49,60 @@ def load_resnet18(pretrained):
             f'({type(e).__name__}); put resnet18-f37072fd.pth there, pass '
             f'--img_weights=PATH to a ResNet-18 state dict, or train from scratch with '
             f'--img_weights=none') from None
+
+
+def _resnet18_from_file(path):
+    """ResNet-18 with the weights of a state dict file; any other file is a one-line
+    WeightsUnavailableError (main.py checks --img_weights before loading any data)."""
+    def fail(reason):
+        raise WeightsUnavailableError(f'--img_weights={path}: {reason}; expected a torchvision '
+                                      f'ResNet-18 state dict (such as resnet18-f37072fd.pth)')
+    state = _load_tensors(path, fail)
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        state = state['state_dict']
+    if isinstance(state, dict) and 'model_state_dict' in state:
+        fail('a TIRG checkpoint (load it with --checkpoint)')
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        fail('a dict whose values are not all tensors' if isinstance(state, dict)
+             else f'it holds a {type(state).__name__} object, not a dict of named tensors')
+    model = torchvision.models.resnet18(weights=None)
+    mismatch = checkpoints.describe_state_dict_mismatch(model, state)
+    if mismatch:
+        fail(f'not ResNet-18 weights ({mismatch})')
+    model.load_state_dict(state)
+    return model
+
+
+def _load_tensors(path, fail):
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            start = f.read(4)
+        if not start:
+            fail('an empty file')
+        if not start.startswith((b'PK\x03\x04', b'\x80')):  # torch's zip format, or a pickle
+            fail('not a torch weights file')
+    try:
+        # Namespace: to recognise checkpoints; warnings: torch's about plain pickles would come
+        # before the one-line error.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except OSError as e:
+        fail(f'cannot read it ({e.strerror or e})')
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            fail('it holds Python objects besides tensors (not loaded: that could run code)')
+        fail(f'not a torch weights file ({_first_line(e)})')
+    except (KeyError, EOFError):  # what text and truncated pickles raise, with no useful message
+        fail('not a torch weights file, or a truncated one')
+    except Exception as e:  # a broken zip archive is a RuntimeError, and so on
+        fail(f'not a torch weights file ({_first_line(e)})')
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class ImgTextCompositionBase(torch.nn.Module):

@@ -80,3 +80,75 @@ def test_temporaries_of_killed_saves_are_removed_at_the_next_save(tmp_path):
         (tmp_path / name).write_bytes(b'partial')
     checkpoints.save_atomic({'w': torch.ones(1)}, str(tmp_path / 'c.pth'))
     assert sorted(os.listdir(tmp_path)) == sorted(others + ['c.pth'])
+
+
+# ---------------------------------------------------------------------------------------------
+# --img_weights files that are not ResNet-18 state dicts (issue 12, item 9)
+
+def _write_weights_case(case, path):
+    import argparse
+    import pickle
+    import torchvision
+    if case == 'TIRG checkpoint':
+        torch.save({'it': 3, 'opt': argparse.Namespace(model='tirg'),
+                    'model_state_dict': {'w': torch.ones(1)}}, path)
+    elif case == 'text':
+        with open(path, 'w') as f:
+            f.write('conv1.weight 0.1 0.2\n')
+    elif case == 'empty':
+        open(path, 'w').close()
+    elif case == 'a plain pickle':
+        with open(path, 'wb') as f:
+            pickle.dump({'conv1.weight': {1, 2}}, f)
+    elif case == 'an int':
+        torch.save(3, path)
+    elif case == 'strings for tensors':
+        torch.save({'conv1.weight': 'x'}, path)
+    elif case == 'ResNet-34':
+        torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    elif case == 'truncated':
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+        with open(path, 'r+b') as f:
+            f.truncate(100000)
+
+
+WEIGHTS_CASES = {
+    'TIRG checkpoint': 'a TIRG checkpoint (load it with --checkpoint)',
+    'text': 'not a torch weights file',
+    'empty': 'an empty file',
+    'a plain pickle': 'it holds Python objects besides tensors',
+    'an int': 'it holds a int object',
+    'strings for tensors': 'a dict whose values are not all tensors',
+    'ResNet-34': 'not ResNet-18 weights (96 unexpected keys',
+    'truncated': 'not a torch weights file',
+    'a folder': 'cannot read it (Is a directory)',
+    'missing': 'cannot read it (No such file or directory)',
+}
+
+
+@pytest.mark.parametrize('case', sorted(WEIGHTS_CASES))
+def test_img_weights_that_are_not_resnet18_weights_are_one_line_errors(tmp_path, case):
+    import img_text_composition_models
+    path = str(tmp_path / 'weights')
+    if case == 'a folder':
+        os.mkdir(path)
+    else:
+        _write_weights_case(case, path)
+    with pytest.raises(img_text_composition_models.WeightsUnavailableError) as info:
+        img_text_composition_models.load_resnet18(path)
+    message = str(info.value)
+    assert message.startswith(f'--img_weights={path}: {WEIGHTS_CASES[case]}')
+    assert message.endswith('expected a torchvision ResNet-18 state dict (such as '
+                            'resnet18-f37072fd.pth)')
+    assert '\n' not in message
+
+
+def test_main_reports_a_checkpoint_given_as_img_weights_in_one_line(tmp_path, capsys):
+    import main
+    path = str(tmp_path / 'latest_checkpoint.pth')
+    _write_weights_case('TIRG checkpoint', path)
+    assert main.main([f'--img_weights={path}', f'--dataset_path={tmp_path}/none']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'main.py: error: --img_weights={path}: ')
+    assert 'a TIRG checkpoint (load it with --checkpoint)' in err
+    assert len(err.strip().splitlines()) == 1
