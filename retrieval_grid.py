@@ -19,6 +19,7 @@ TEXT_COLOR = (0, 0, 0)
 CORRECT_COLOR = (0, 160, 0)
 QUERY_COLOR = (40, 40, 160)
 TILE_BORDER = (200, 200, 200)
+MAX_COLUMNS = 10  # results per line of a row; more continue on the next line
 
 
 def as_pil(img):
@@ -86,55 +87,67 @@ def _wrap(draw, font, text, width, max_lines):
     return lines
 
 
-def draw_rows(rows, tile=TILE):
+def draw_rows(rows, tile=TILE, max_columns=MAX_COLUMNS):
     """One picture of retrieval results.
 
     rows: a list of dicts, one per query: `query_img` (PIL image or float array), `query_text`,
     optional `query_note` (a line under the text, e.g. the target caption), and `results`, a list
-    of dicts with `img`, `rank`, `score`, `caption` and `correct` (frame it in green).
+    of dicts with `img`, `rank`, `score`, `caption` and `correct` (frame it in green).  Results
+    past `max_columns` continue on further lines, so the width stays bounded.
     Returns an RGB PIL image.
     """
     font = _font()
-    probe = PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))
     line_height = int(sum(font.getbbox('Ag')[1::2])) + 3
-    text_height = TEXT_LINES * line_height + PAD
-    columns = 1 + max((len(row['results']) for row in rows), default=0)
-    cell = tile + PAD
-    width = PAD + cell + GAP + (columns - 1) * cell
-    row_height = PAD + tile + PAD // 2 + text_height
-    picture = PIL.Image.new('RGB', (width, len(rows) * row_height + PAD // 2), BACKGROUND)
+    layout = {'tile': tile, 'cell': tile + PAD, 'font': font, 'line_height': line_height,
+              'row_height': PAD + tile + PAD // 2 + TEXT_LINES * line_height + PAD,
+              'max_columns': max_columns,
+              'probe': PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))}
+    columns = min(max_columns, max((len(row['results']) for row in rows), default=0))
+    width = PAD + layout['cell'] + GAP + columns * layout['cell']
+    lines = [max(1, -(-len(row['results']) // max_columns)) for row in rows]
+    picture = PIL.Image.new('RGB', (width, sum(lines) * layout['row_height'] + PAD // 2),
+                            BACKGROUND)
     draw = PIL.ImageDraw.Draw(picture)
-
-    def put_text(x, y, lines, color=TEXT_COLOR):
-        for i, line in enumerate(lines[:TEXT_LINES]):
-            draw.text((x, y + i * line_height), line, fill=color, font=font)
-
-    for r, row in enumerate(rows):
-        y = r * row_height + PAD
-        picture.paste(_fit(row['query_img'], tile), (PAD, y))
-        draw.rectangle([PAD - 1, y - 1, PAD + tile, y + tile], outline=QUERY_COLOR, width=1)
-        lines = _wrap(probe, font, 'query: ' + str(row['query_text']), tile,
-                      TEXT_LINES - (1 if row.get('query_note') else 0))
-        if row.get('query_note'):
-            lines += _wrap(probe, font, row['query_note'], tile, 1)
-        put_text(PAD, y + tile + PAD // 2, lines, QUERY_COLOR)
-        x0 = PAD + cell + GAP
-        draw.line([x0 - GAP // 2 - PAD // 2, y, x0 - GAP // 2 - PAD // 2, y + tile], fill=(160, 160, 160),
-                  width=2)
-        for c, result in enumerate(row['results']):
-            x = x0 + c * cell
-            picture.paste(_fit(result['img'], tile), (x, y))
-            draw.rectangle([x - 1, y - 1, x + tile, y + tile], outline=TILE_BORDER, width=1)
-            header = f'#{result["rank"]}  {result["score"]:.3f}'
-            color = TEXT_COLOR
-            if result.get('correct'):
-                draw.rectangle([x - FRAME, y - FRAME, x + tile + FRAME - 1, y + tile + FRAME - 1],
-                               outline=CORRECT_COLOR, width=FRAME)
-                header += '  target'
-                color = CORRECT_COLOR
-            lines = [header] + _wrap(probe, font, result['caption'], tile, TEXT_LINES - 1)
-            put_text(x, y + tile + PAD // 2, lines, color)
+    y = PAD
+    for row, row_lines in zip(rows, lines):
+        _draw_row(picture, draw, layout, row, y, row_lines)
+        y += row_lines * layout['row_height']
     return picture
+
+
+def _put_text(draw, layout, x, y, lines, color=TEXT_COLOR):
+    for i, line in enumerate(lines[:TEXT_LINES]):
+        draw.text((x, y + i * layout['line_height']), line, fill=color, font=layout['font'])
+
+
+def _draw_row(picture, draw, layout, row, y, row_lines):
+    """The query at (PAD, y), then its results, `max_columns` to a line."""
+    tile, cell, font, probe = layout['tile'], layout['cell'], layout['font'], layout['probe']
+    picture.paste(_fit(row['query_img'], tile), (PAD, y))
+    draw.rectangle([PAD - 1, y - 1, PAD + tile, y + tile], outline=QUERY_COLOR, width=1)
+    lines = _wrap(probe, font, 'query: ' + str(row['query_text']), tile,
+                  TEXT_LINES - (1 if row.get('query_note') else 0))
+    if row.get('query_note'):
+        lines += _wrap(probe, font, row['query_note'], tile, 1)
+    _put_text(draw, layout, PAD, y + tile + PAD // 2, lines, QUERY_COLOR)
+    x0 = PAD + cell + GAP
+    separator_x = x0 - GAP // 2 - PAD // 2
+    draw.line([separator_x, y, separator_x, y + (row_lines - 1) * layout['row_height'] + tile],
+              fill=(160, 160, 160), width=2)
+    for c, result in enumerate(row['results']):
+        x = x0 + (c % layout['max_columns']) * cell
+        top = y + (c // layout['max_columns']) * layout['row_height']
+        picture.paste(_fit(result['img'], tile), (x, top))
+        draw.rectangle([x - 1, top - 1, x + tile, top + tile], outline=TILE_BORDER, width=1)
+        header = f'#{result["rank"]}  {result["score"]:.3f}'
+        color = TEXT_COLOR
+        if result.get('correct'):
+            draw.rectangle([x - FRAME, top - FRAME, x + tile + FRAME - 1, top + tile + FRAME - 1],
+                           outline=CORRECT_COLOR, width=FRAME)
+            header += '  target'
+            color = CORRECT_COLOR
+        lines = [header] + _wrap(probe, font, result['caption'], tile, TEXT_LINES - 1)
+        _put_text(draw, layout, x, top + tile + PAD // 2, lines, color)
 
 
 def to_chw(picture):

@@ -27,7 +27,8 @@ import retrieval_grid
 import test_retrieval
 import text_model
 
-CACHE_FORMAT = 1
+MAX_DRAWN = 50  # results drawn in the --out picture
+CACHE_FORMAT = 2  # 2: the key holds every image file's size and mtime
 
 
 def get_args_parser():
@@ -46,8 +47,8 @@ def get_args_parser():
     p.add_argument('--dataset', type=str, default=None, choices=['css3d', 'fashion200k', 'mitstates'],
                    help="gallery dataset (default: the checkpoint's, else css3d)")
     p.add_argument('--dataset_path', type=str, default=None,
-                   help="dataset root (default: the checkpoint's --dataset_path, else "
-                        f"{experiment.DEFAULT_DATASET_PATH})")
+                   help="dataset root (default: the checkpoint's --dataset_path; an error when "
+                        "that folder is not here)")
     p.add_argument('--split', type=str, default='test', choices=['train', 'test'],
                    help='split whose images form the gallery and whose test queries '
                         '--query_index counts (default: test)')
@@ -61,14 +62,17 @@ def get_args_parser():
     query.add_argument('--query_index', type=int, default=None,
                        help="the N-th test query of --split (from 0): its source image and text, "
                             "and its known target; the source image is left out of the results")
-    p.add_argument('--topk', type=int, default=10, help='number of results (default: 10)')
+    p.add_argument('--topk', type=int, default=10,
+                   help=f'number of results (default: 10); the --out picture shows the first '
+                        f'{MAX_DRAWN}, {retrieval_grid.MAX_COLUMNS} to a line')
     p.add_argument('--out', type=str, default=None,
                    help='write a picture (PNG) of the query and its results here; the correct '
                         'target, when known, is framed in green')
     p.add_argument('--cache_dir', type=str, default=None,
                    help='folder for cached gallery features (default: feature_cache/ next to the '
                         'checkpoint); a cache is used only while the checkpoint file (path, size, '
-                        'mtime) and the dataset split (path, data files, images) are unchanged')
+                        'mtime) and the dataset split (its data files and every image file: size '
+                        'and mtime) are unchanged; a cache that cannot be written is a warning')
     p.add_argument('--no_cache', action='store_true', help='neither read nor write cached features')
     p.add_argument('--device', type=str, default='auto',
                    help='auto (the default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps')
@@ -109,19 +113,27 @@ def check_opt(opt):
 
 
 def adopt_checkpoint_dataset(opt, ckpt):
-    """--dataset and --dataset_path from the checkpoint's options when not given."""
+    """--dataset and --dataset_path from the checkpoint's options when not given.  A dataset
+    folder the checkpoint names but that is not here is an error, never another dataset (such as
+    the default one) in its place; the folder taken is said on stderr."""
     saved = ckpt.get('opt')
+    saved_dataset = getattr(saved, 'dataset', None)
     if opt.dataset is None:
-        opt.dataset = getattr(saved, 'dataset', None) or 'css3d'
-    if opt.dataset_path is None:
-        saved_path = getattr(saved, 'dataset_path', None)
-        if getattr(saved, 'dataset', None) == opt.dataset and saved_path and os.path.isdir(saved_path):
-            opt.dataset_path = saved_path
-        elif opt.dataset == 'css3d':
-            opt.dataset_path = experiment.DEFAULT_DATASET_PATH
-        else:
-            raise experiment.UserError(f'--dataset_path: not given, and the checkpoint\'s '
-                                 f'({saved_path}) is not a folder here')
+        opt.dataset = saved_dataset or 'css3d'
+    if opt.dataset_path is not None:
+        return
+    saved_path = getattr(saved, 'dataset_path', None)
+    if saved_dataset != opt.dataset or not saved_path:
+        raise experiment.UserError(f'--dataset_path: not given, and {opt.checkpoint} names no '
+                                   f'{opt.dataset} dataset folder; give --dataset_path=DIR')
+    relative = '' if os.path.isabs(saved_path) else (
+        f', relative to the folder training ran in; here it means {os.path.abspath(saved_path)}')
+    if not os.path.isdir(saved_path):
+        raise experiment.UserError(f'--dataset_path: not given, and the checkpoint\'s dataset folder '
+                                   f'{saved_path} is not here{relative}; give --dataset_path=DIR')
+    opt.dataset_path = os.path.abspath(saved_path)
+    print(f'Dataset: {opt.dataset} at {opt.dataset_path} (the checkpoint\'s --dataset_path'
+          f'{relative})', file=sys.stderr)
 
 
 def load_model_and_gallery(opt):
@@ -157,22 +169,30 @@ def _stat(path):
 
 
 def _data_files(dataset):
-    """The files and folders whose change means the split's images may have changed."""
+    """The files besides the images whose change means the split may have changed."""
     root = dataset.path
     if isinstance(dataset, datasets.CSSDataset):
-        return [os.path.join(root, datasets.CSS_DATA_FILE)] + ([dataset.img_path] if dataset.img_path else [])
+        return [os.path.join(root, datasets.CSS_DATA_FILE)]
     if isinstance(dataset, datasets.Fashion200k):
         labels = os.path.join(root, 'labels')
         return [os.path.join(labels, f) for f in sorted(os.listdir(labels)) if dataset.split in f]
-    if isinstance(dataset, datasets.MITStates):
-        return [os.path.join(root, 'images')]
-    return [root]
+    return []
+
+
+def images_digest(dataset):
+    """sha1 over every gallery image: its caption and its file's path, size and mtime (one stat
+    each), so that an image overwritten in place invalidates the cache; drawn CSS images have no
+    file (the data file's entry covers them)."""
+    digest = hashlib.sha1()
+    for i, img in enumerate(dataset.imgs):
+        path = dataset.image_file(i) if hasattr(dataset, 'image_file') else None
+        file_key = _stat(path) if path else None
+        digest.update(json.dumps([i, img['captions'][0], file_key]).encode('utf-8', 'replace'))
+        digest.update(b'\n')
+    return digest.hexdigest()
 
 
 def cache_key(opt, dataset):
-    images = hashlib.sha1()
-    for i, img in enumerate(dataset.imgs):
-        images.update(f'{img.get("file_path", i)}\t{img["captions"][0]}\n'.encode('utf-8', 'replace'))
     return {
         'format': CACHE_FORMAT,
         'checkpoint': _stat(opt.checkpoint),
@@ -182,7 +202,7 @@ def cache_key(opt, dataset):
         'data_files': [_stat(f) for f in _data_files(dataset)],
         'css_drawn_2d': getattr(dataset, 'img_path', '') is None,
         'num_images': len(dataset.imgs),
-        'images': images.hexdigest(),
+        'images': images_digest(dataset),
     }
 
 
@@ -210,12 +230,15 @@ def read_cache(path, key):
 
 
 def write_cache(path, key, features):
+    """Best effort: a cache that cannot be written (a full disk, a read-only folder) is a warning,
+    and the query's results are printed all the same."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         checkpoints.save_atomic({'key': key, 'features': features.cpu()}, path)
-    except OSError as e:
-        print(f'warning: cannot write the feature cache {path} ({e.strerror or e}); '
-              f'--cache_dir=DIR puts it elsewhere', file=sys.stderr)
+    except OSError as e:  # save_atomic's CheckpointWriteError names the file
+        reason = str(e) if isinstance(e, checkpoints.CheckpointWriteError) else f'{path}: {e.strerror or e}'
+        print(f'warning: feature cache not written ({reason}); --cache_dir=DIR puts it elsewhere',
+              file=sys.stderr)
         return False
     return True
 
@@ -247,10 +270,8 @@ def gallery_features(opt, model, dataset):
 def image_name(dataset, idx):
     """What the results call an image: its file, or css_<split>_<index> for drawn CSS images."""
     idx = int(idx)
-    if isinstance(dataset, datasets.CSSDataset):
-        if dataset.img_path is None:
-            return 'css_%s_%06d' % (dataset.split, idx)
-        return dataset._png_path(dataset.img_path, idx)
+    if isinstance(dataset, datasets.CSSDataset) and dataset.img_path is None:
+        return 'css_%s_%06d' % (dataset.split, idx)
     if hasattr(dataset, 'image_file'):
         return dataset.image_file(idx)
     return dataset.imgs[idx].get('file_path', str(idx))
@@ -333,15 +354,23 @@ def retrieve(opt):
                         'correct': query['target_caption'] is not None and caption == query['target_caption']})
     print_results(query, results, dataset)
     if opt.out:
-        row = retrieval_grid.result_row(dataset, query['display'], query['text'], scores, indices,
-                                        query['target_caption'], target_note(query))
-        picture = retrieval_grid.draw_rows([row])
-        try:
-            picture.save(opt.out, format='PNG')
-        except (OSError, ValueError) as e:
-            raise experiment.UserError(f'--out={opt.out}: cannot write ({e})') from None
-        print(f'Wrote {opt.out}', file=sys.stderr)
+        write_picture(opt.out, dataset, query, scores, indices)
     return query, results
+
+
+def write_picture(out, dataset, query, scores, indices):
+    """The query and its first MAX_DRAWN results, MAX_COLUMNS to a line: --topk=379 would
+    otherwise be a picture 51,704 pixels wide."""
+    drawn = min(len(indices), MAX_DRAWN)
+    row = retrieval_grid.result_row(dataset, query['display'], query['text'], scores[:drawn],
+                                    indices[:drawn], query['target_caption'], target_note(query))
+    picture = retrieval_grid.draw_rows([row])
+    try:
+        picture.save(out, format='PNG')
+    except (OSError, ValueError) as e:
+        raise experiment.UserError(f'--out={out}: cannot write ({e})') from None
+    shown = '' if drawn == len(indices) else f' (the first {drawn} of the {len(indices)} results)'
+    print(f'Wrote {out}{shown}', file=sys.stderr)
 
 
 def target_note(query):
