@@ -459,8 +459,8 @@ def files_to_replace(out_dir, overwrite):
         return []
     if not overwrite:
         raise OutputFolderError(
-            f'{out_dir}: not empty ({_preview(entries)}); give --overwrite to replace a dataset '
-            f'make_css_dataset.py wrote there, or choose a new or empty folder')
+            f'{out_dir}: not empty ({_preview(entries)}); make_css_dataset.py writes into a new '
+            f'or empty folder, or with --overwrite over a dataset it wrote there before')
     recorded = recorded_files(out_dir)
     foreign = []
     for name in named_like_ours(out_dir):

@@ -381,3 +381,17 @@ def test_cli_refuses_a_folder_with_a_dataset_and_overwrites_its_own(tmp_path):
     assert r.returncode == 1 and 'not written by make_css_dataset.py' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert folder_contents(root) == before  # test_cli overwrites a dataset of its own
+
+
+def test_main_does_not_generate_into_a_default_folder_holding_other_files(tmp_path, monkeypatch, capsys):
+    import main
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.join('data', 'css_synth'))
+    with open(os.path.join('data', 'css_synth', 'notes.txt'), 'w') as f:
+        f.write('mine')
+    assert main.main(['--img_weights=none', '--num_iters=1', '--loader_num_workers=0']) == 1
+    err = capsys.readouterr().err
+    folder = os.path.join(str(tmp_path), 'data', 'css_synth')
+    assert err.startswith(f'main.py: error: {folder}: not empty (1 entry: notes.txt); ')
+    assert len(err.strip().splitlines()) == 1
+    assert os.listdir(os.path.join('data', 'css_synth')) == ['notes.txt']
