@@ -90,3 +90,47 @@ def broadcast_buffers(model):
     with torch.no_grad():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def shard_range(n):
+    """This process's contiguous share of `n` items.  Concatenated in rank order the shares are
+    0 .. n-1 in order, so gathered results come out in the single-process order."""
+    return range(n * rank() // world_size(), n * (rank() + 1) // world_size())
+
+
+def gather_with_grad(x):
+    """Every process's `x` concatenated along dim 0 (rank order), differentiable: the backward of
+    torch.distributed.nn's all_gather sums every process's gradient for this process's rows."""
+    if not is_initialized():
+        return x
+    import torch.distributed.nn.functional as dist_nn  # only needed with a process group
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def gather_rows(x):
+    """Every process's rows of `x` in rank order, for shares of unequal length (evaluation
+    features).  A process with an empty share may pass any tensor with no rows."""
+    if not is_initialized():
+        return x
+    shapes = [None] * world_size()
+    dist.all_gather_object(shapes, tuple(x.shape))
+    rows = [shape[0] for shape in shapes]
+    if max(rows) == 0:
+        return x
+    row_shape = next(shape[1:] for shape in shapes if shape[0] > 0)
+    # all_gather needs equal shapes: pad every share to the longest, then trim.
+    padded = x.new_zeros((max(rows),) + row_shape)
+    if x.shape[0]:
+        padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, rows)])
+
+
+def from_first_process(x):
+    """The first process's `x` on every process, in place.  The loss's random triplets must be
+    the same on every process; each draws them (so that its stream advances as in a single
+    process) and the first one's are used, whatever each device's generator holds."""
+    if is_initialized():
+        dist.broadcast(x, src=0)
+    return x

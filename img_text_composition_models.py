@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 import checkpoints
+import distributed
 import text_model
 import torch_functions
 
@@ -135,12 +136,18 @@ class ImgTextCompositionBase(torch.nn.Module):
         with torch.autocast(device_type=query.device.type, enabled=False):
             query = self.normalization_layer(query.float())
             target = self.normalization_layer(target.float())
+            # Under torchrun: the loss over the global batch, as with one process.  Each process
+            # computes the same loss; the gathers' backward sums their gradients onto its rows and
+            # DistributedDataParallel averages over the processes: the single-process gradient.
+            query = distributed.gather_with_grad(query)
+            target = distributed.gather_with_grad(target)
             if soft_triplet_loss:
                 return self.compute_soft_triplet_loss_(query, target)
             return self.compute_batch_based_classification_loss_(query, target)
 
     def compute_soft_triplet_loss_(self, query, target):
-        triplets = torch_functions.sample_triplets(query.shape[0], device=query.device)
+        triplets = distributed.from_first_process(
+            torch_functions.sample_triplets(query.shape[0], device=query.device))
         return self.soft_triplet_loss(torch.cat([query, target]), triplets)
 
     def compute_batch_based_classification_loss_(self, query, target):

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import datasets
+import distributed
 
 RECALL_KS = (1, 5, 10, 50, 100)
 
@@ -54,13 +55,28 @@ def _image_batches(dataset, ids, batch_size, num_workers, desc='Images'):
     loader = torch.utils.data.DataLoader(
         _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers,
         generator=torch.Generator(), worker_init_fn=datasets.worker_init_fn)
-    # disable=None: a progress bar on a terminal only, none in logs and tests.
-    return iter(tqdm(loader, desc=desc, leave=False, disable=None, mininterval=2.0))
+    # disable=None: a progress bar on a terminal only, none in logs and tests; under torchrun
+    # the first process's only.
+    disable = None if distributed.is_main_process() else True
+    return iter(tqdm(loader, desc=desc, leave=False, disable=disable, mininterval=2.0))
+
+
+def _own_share(items):
+    """The contiguous share of `items` this process extracts features for (all without torchrun)."""
+    share = distributed.shard_range(len(items))
+    return items[share.start:share.stop]
+
+
+def _all_shares(features, device):
+    """The features of every process's share, gathered in the single-process order."""
+    local = torch.cat(features) if features else torch.empty(0, 0, device=device)
+    return distributed.gather_rows(local)
 
 
 @torch.inference_mode()
 def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
     device = model_device(model)
+    queries = _own_share(queries)
     source_ids = [q['source_img_id'] for q in queries]
     texts = [q['mod']['str'] for q in queries]
     features = []
@@ -68,16 +84,16 @@ def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
                            _image_batches(dataset, source_ids, batch_size, num_workers, 'Query features')):
         imgs = imgs.to(device, non_blocking=True)
         features.append(model.compose_img_text(imgs, texts[start:start + batch_size]).float())
-    return torch.cat(features)
+    return _all_shares(features, device)
 
 
 @torch.inference_mode()
 def compute_gallery_features(model, dataset, batch_size, num_workers=0, ids=None):
     device = model_device(model)
-    ids = range(len(dataset.imgs)) if ids is None else ids
+    ids = _own_share(list(range(len(dataset.imgs)) if ids is None else ids))
     features = [model.extract_img_feature(imgs.to(device, non_blocking=True)).float()
-                for imgs in _image_batches(dataset, list(ids), batch_size, num_workers, 'Gallery features')]
-    return torch.cat(features)
+                for imgs in _image_batches(dataset, ids, batch_size, num_workers, 'Gallery features')]
+    return _all_shares(features, device)
 
 
 @torch.inference_mode()
