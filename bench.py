@@ -4,6 +4,7 @@
     python bench.py --device cuda         # the same on a GPU
     python bench.py --quick               # tiny sizes (the test suite runs this)
     python bench.py --only retrieval,loss --queries 300 --gallery 3000 --json out.json
+    python bench.py --only ddp             # 1 process against 2 under torchrun (gloo)
 
 Sections (one line per figure: both timings and their ratio):
 
@@ -27,6 +28,9 @@ Sections (one line per figure: both timings and their ratio):
              tree at 224 px, --memory_counts sampled examples, a stand-in model that costs nothing
              per image) against the plain way (a list of the examples with their images, then
              their features), each in a forked process (Linux: exact start and peak).
+  ddp        training throughput (images/s) of main.py's path under torchrun with 2 gloo processes
+             on the CPU (DistributedDataParallel, gathered loss, each process its slice of the
+             global --batch_size) against 1 plain process, the same threads in all, shared out.
 
 Timings are wall-clock (time.perf_counter), after warm-up, medians of repeats where cheap; on
 CUDA the device is synchronised around every timed region.  Machines shared with other work give
@@ -41,6 +45,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +58,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import datasets  # noqa: E402
+import distributed  # noqa: E402
 import img_text_composition_models  # noqa: E402
 import main  # noqa: E402
 import make_css_dataset  # noqa: E402
@@ -793,10 +799,94 @@ def bench_memory(args, tmp):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. Several processes (torchrun, DistributedDataParallel, gloo on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+DDP_PROCESSES = 2
+
+
+def ddp_worker(args):
+    """One process of the ddp section (this file run again, under torchrun or alone): main.py's
+    training path (seeding, DDP wrapping, sliced sampler, loader, iteration) on the CSS set in
+    --ddp_data; the first process writes the timing of args.iters iterations after the warm-up."""
+    torch.set_num_threads(args.threads)
+    device = distributed.device_for_process(torch.device('cpu'))
+    rank, world = distributed.rank(), distributed.world_size()
+    opt = main.parse_opt(['--dataset=css3d', f'--dataset_path={args.ddp_data}', '--model=tirg',
+                          '--img_weights=none', '--loss=soft_triplet', '--loader_num_workers=0',
+                          f'--batch_size={args.batch_size}', f'--seed={args.seed}', '--device=cpu'])
+    main.seed_process(opt, rank)
+    trainset = datasets.CSSDataset(opt.dataset_path, split='train', transform=datasets.css_transform())
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = main.create_model(opt, trainset.get_all_texts()).to(device)
+    train_model = main.wrap_for_training(opt, model, device)
+    optimizer = main.create_optimizer(opt, model)
+    sampler = main.EpochBatchSampler(len(trainset), opt.batch_size, opt.seed, rank, world)
+    loader = main.make_train_loader(opt, trainset, sampler, device, rank)
+    model.train()
+    batches = endless_batches(loader, sampler)
+    for _ in range(args.warmup):
+        main.train_one_iteration(opt, train_model, optimizer, next(batches), device)
+    distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        main.train_one_iteration(opt, train_model, optimizer, next(batches), device)
+    seconds = time.perf_counter() - start  # the last step's gradient all-reduce has completed
+    if distributed.is_main_process():
+        with open(args.ddp_worker, 'w') as f:
+            json.dump({'processes': world, 'threads_per_process': torch.get_num_threads(),
+                       'seconds': seconds, 'iters': args.iters}, f)
+    distributed.cleanup()
+    return 0
+
+
+def endless_batches(loader, sampler):
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def bench_ddp(args, tmp):
+    data_dir = os.path.join(tmp, 'css_ddp')
+    make_css_dataset.generate_css_dataset(data_dir, base_scenes=100, verbose=False)
+    total_threads = torch.get_num_threads()
+    runs = {}
+    for processes in (1, DDP_PROCESSES):
+        out = os.path.join(tmp, f'ddp_{processes}.json')
+        threads = max(1, total_threads // processes)  # the same cores, shared out
+        worker = [os.path.abspath(__file__), f'--ddp_worker={out}', f'--ddp_data={data_dir}',
+                  f'--batch_size={args.batch_size}', f'--iters={args.iters}',
+                  f'--warmup={args.warmup}', f'--seed={args.seed}', f'--threads={threads}']
+        # One process: the plain single-process path, no launcher and no process group.
+        launcher = [sys.executable] if processes == 1 else [
+            sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            f'--nproc_per_node={processes}']
+        result = subprocess.run(launcher + worker, capture_output=True, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        if result.returncode != 0:
+            raise RuntimeError(f'ddp section, {processes} process(es) failed:\n{result.stderr[-3000:]}')
+        with open(out) as f:
+            runs[processes] = json.load(f)
+        runs[processes]['img_per_s'] = 2 * args.batch_size * args.iters / runs[processes]['seconds']
+    one, many = runs[1], runs[DDP_PROCESSES]
+    ratio = many['img_per_s'] / one['img_per_s']
+    line = (f'ddp train iterations, global batch {args.batch_size} (TIRG, CSS 64x64, gloo on CPU, '
+            f'{total_threads} threads in all): 1 process {one["img_per_s"]:.1f} img/s '
+            f'({fmt_seconds(one["seconds"] / args.iters)}/it), {DDP_PROCESSES} processes under '
+            f'torchrun {many["img_per_s"]:.1f} img/s ({fmt_seconds(many["seconds"] / args.iters)}/it, '
+            f'{many["threads_per_process"]} threads each), scaling {ratio:.2f}x  '
+            f'({args.iters} iterations after {args.warmup} warm-up)')
+    return [line], {'batch_size': args.batch_size, 'runs': {str(k): v for k, v in runs.items()},
+                    'scaling': ratio}
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-SECTIONS = ('retrieval', 'loss', 'train', 'data', 'memory')
+SECTIONS = ('retrieval', 'loss', 'train', 'data', 'memory', 'ddp')
 
 
 def parse_size(text):
@@ -862,6 +952,9 @@ def get_args_parser():
     p.add_argument('--only', default=','.join(SECTIONS),
                    help='comma-separated sections: ' + ','.join(SECTIONS))
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results here')
+    # The ddp section runs this file again, once per process: what to do there.
+    p.add_argument('--ddp_worker', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--ddp_data', default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -889,6 +982,9 @@ def parse_args(argv=None):
             parser.error(f'--{name} must be at least 1')
     if args.batch_size < 2:
         parser.error('--batch_size must be at least 2 (soft triplet loss)')
+    if 'ddp' in args.sections and args.batch_size % DDP_PROCESSES:
+        parser.error(f'--batch_size={args.batch_size}: the ddp section splits the batch over '
+                     f'{DDP_PROCESSES} processes; give a multiple of {DDP_PROCESSES}')
     if args.workers < 1:
         parser.error('--workers must be at least 1 (0 workers is always measured)')
     if args.warmup < 0 or args.threads < 0:
@@ -936,6 +1032,8 @@ def run(args):
                 lines, result = bench_train(args, device, tmp)
             elif section == 'memory':
                 lines, result = bench_memory(args, tmp)
+            elif section == 'ddp':
+                lines, result = bench_ddp(args, tmp)
             else:
                 lines, result = bench_data(args, tmp)
             result['section_wall_s'] = time.perf_counter() - start
@@ -952,7 +1050,10 @@ def run(args):
 
 
 def main_cli(argv=None):
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.ddp_worker:
+        return ddp_worker(args)
+    run(args)
     return 0
 
 

@@ -39,6 +39,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     line('train iteration batch 4 ', 'overhead')
     assert len(line('data ', 'speed-up|s at the best rate|on vs off')) >= 4
     assert any(re.match(r'pixels fast_decode vs exact: mean \|difference\| = \d+\.\d+', x) for x in lines)
+    line('ddp train iterations, global batch 4 ', 'scaling')
 
     results = json.loads(out.read_text())
     assert results['retrieval']['recalls_identical'] is True
@@ -46,6 +47,9 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert set(results['loss']) >= {'32', '128'}
     assert results['train']['overhead'] > 0
     assert results['data']['fast_decode_on']['workers_0_img_per_s'] > 0
+    ddp = results['ddp']['runs']
+    assert ddp['1']['processes'] == 1 and ddp['2']['processes'] == 2, ddp
+    assert results['ddp']['scaling'] == pytest.approx(ddp['2']['img_per_s'] / ddp['1']['img_per_s'])
 
 
 def test_only_selects_sections(capsys):
