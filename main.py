@@ -136,9 +136,6 @@ def check_opt(opt):
         raise UserError(f'--seed={opt.seed}: expected an integer from 0 to {MAX_SEED}')
     if opt.loss == 'soft_triplet' and opt.batch_size < 2:
         raise UserError('--batch_size=1: the soft triplet loss needs at least 2 examples a batch')
-    if opt.test_split == 'test1' and (opt.dataset != 'cirr' or not opt.test_only):
-        raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
-                        'evaluation-server files)')
     for name in ('checkpoint', 'resume'):
         path = getattr(opt, name)
         if path is not None and not os.path.isfile(path):
@@ -157,7 +154,7 @@ def check_img_weights(opt):
     try:
         img_text_composition_models.load_resnet18(opt.img_weights)
     except img_text_composition_models.WeightsUnavailableError as e:
-        raise UserError(f'--img_weights={opt.img_weights}: {e}') from None
+        raise UserError(str(e)) from None  # the message already names --img_weights=PATH
 
 
 def cap_loader_workers(opt):
@@ -722,6 +719,10 @@ def prepare_options(opt):
     if init_ckpt is None and opt.checkpoint:
         init_ckpt, init_path = checkpoints.load(opt.checkpoint), opt.checkpoint
         adopt_checkpoint_dataset(opt, init_ckpt, init_path)
+    # After the checkpoint's dataset is adopted: a CIRR checkpoint needs no --dataset=cirr.
+    if opt.test_split == 'test1' and (opt.dataset != 'cirr' or not opt.test_only):
+        raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
+                        'evaluation-server files)')
     if init_ckpt is None:
         check_img_weights(opt)
     return opt, resume_ckpt, init_ckpt, init_path

@@ -174,6 +174,11 @@ def sample_training_examples(dataset, count=None, seed=SAMPLE_SEED):
     descriptors (no images); the generators and sampler state that training draws from are left
     exactly as they were."""
     count = NUM_SAMPLED_TRAIN_EXAMPLES if count is None else count
+    # FashionIQ and CIRR (beyond the reference) train on a list of triplets: never draw more than
+    # there are (real data has 18,000 and 28,800; a small tree would repeat each hundreds of times).
+    triplets = getattr(dataset, 'num_training_examples', None)
+    if triplets is not None:
+        count = min(count, triplets())
     return draw_training_examples(dataset, count, seed)
 
 

@@ -151,4 +151,5 @@ def test_main_reports_a_checkpoint_given_as_img_weights_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(f'main.py: error: --img_weights={path}: ')
     assert 'a TIRG checkpoint (load it with --checkpoint)' in err
+    assert err.count('--img_weights=') == 1, err  # the flag is named once, not twice
     assert len(err.strip().splitlines()) == 1

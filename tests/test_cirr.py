@@ -172,6 +172,12 @@ def test_training_examples_are_reference_caption_target(cirr_root):
         assert example['target_img_data'].shape == (3, 224, 224)
 
 
+def test_the_train_split_is_scored_on_at_most_its_entries(cirr_root):
+    import test_retrieval
+    examples = test_retrieval.sample_training_examples(load(cirr_root, 'train'))
+    assert len(examples) == len(cirr_layout()['train']['entries'])
+
+
 def test_vocabulary_texts_are_the_train_captions_for_every_split(cirr_root):
     expected = [e['caption'] for e in cirr_layout()['train']['entries']]
     for split in ('train', 'test', 'test1'):

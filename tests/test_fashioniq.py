@@ -239,6 +239,13 @@ def test_the_train_split_has_no_test_queries(fiq_root):
     assert load(fiq_root, 'train').get_test_queries() == []
 
 
+def test_the_train_split_is_scored_on_at_most_its_triplets(fiq_root, monkeypatch):
+    import test_retrieval
+    trainset = load(fiq_root, 'train')
+    assert len(test_retrieval.sample_training_examples(trainset)) == 18  # 3 categories x 6
+    assert len(test_retrieval.sample_training_examples(trainset, count=5)) == 5
+
+
 def test_all_and_a_single_name_select_categories(fiq_root):
     assert load(fiq_root, categories='all').categories == list(fashioniq.CATEGORIES)
     assert {q['category'] for q in load(fiq_root, categories='toptee').get_test_queries()} == {'toptee'}

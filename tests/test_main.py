@@ -348,3 +348,16 @@ def test_default_dataset_path_is_generated_when_empty(tmp_path, monkeypatch):
     assert calls == [os.path.abspath(main.DEFAULT_DATASET_PATH)]
     main.ensure_default_dataset(opt)
     assert len(calls) == 1  # already there: not regenerated
+
+
+@pytest.mark.parametrize('flags', [['--test_only'], []])
+def test_test1_split_is_only_for_cirr_test_only(css_root, tmp_path, capsys, monkeypatch, flags):
+    import main
+    monkeypatch.chdir(tmp_path)
+    # A CIRR checkpoint needs no --dataset=cirr (tests/test_fiq_cirr_cli.py); CSS is refused.
+    code = main.main(TINY + [f'--dataset_path={css_root}', '--test_split=test1'] + flags)
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith('main.py: error: --test_split=test1: only with '
+                                        '--dataset=cirr --test_only'), err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'runs')
