@@ -108,19 +108,19 @@ class CIRR(fashioniq.QuietPhotoDataset):
         files = {name: os.path.normpath(os.path.join(path, p)) for name, p in paths.items()}
         missing = [name for name, f in files.items() if not os.path.isfile(f)]
         if missing and not skip_missing_images:
-            raise fashioniq.missing_images_error('CIRR', split, missing, len(files), self._split_path)
+            raise fashioniq.missing_images_error('CIRR', split, missing, len(files), self.split_path)
         if skip_missing_images:
             entries, files = self._drop_missing(entries, files, set(missing))
         self._build_index(entries, files)
 
     def _read_annotations(self):
         root = annotation_root(self.path, self.file_split)
-        self._captions_path = os.path.join(root, 'captions', f'cap.rc2.{self.file_split}.json')
-        self._split_path = os.path.join(root, 'image_splits', f'split.rc2.{self.file_split}.json')
-        entries = read_entries(self._captions_path, with_target=self.split != 'test1',
+        self.captions_path = os.path.join(root, 'captions', f'cap.rc2.{self.file_split}.json')
+        self.split_path = os.path.join(root, 'image_splits', f'split.rc2.{self.file_split}.json')
+        entries = read_entries(self.captions_path, with_target=self.split != 'test1',
                                with_members=self.split != 'train')
-        paths = read_image_paths(self._split_path)
-        check_entries_listed(entries, paths, self._captions_path, self._split_path)
+        paths = read_image_paths(self.split_path)
+        check_entries_listed(entries, paths, self.captions_path, self.split_path)
         return entries, paths
 
     def _drop_missing(self, entries, files, missing):
@@ -138,7 +138,7 @@ class CIRR(fashioniq.QuietPhotoDataset):
         self.name_to_id = {name: i for i, name in enumerate(files)}
         self.entries = entries
         if not entries:
-            raise datasets.DatasetError(f'{self._captions_path}: no entry left to '
+            raise datasets.DatasetError(f'{self.captions_path}: no entry left to '
                                         f'{"train on" if self.split == "train" else "test"}')
         if self.split == 'train':
             return

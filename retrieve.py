@@ -4,8 +4,10 @@
         --query_img=photo.png --query_text="make top-left object red" --topk=10 --out=results.png
     python retrieve.py --checkpoint=... --dataset_path=DIR --query_index=123      # a test query
 
-The gallery is every image of --split (default test).  Its features are computed once and cached
-on disk, so later queries against the same checkpoint and split take a second or so.
+The gallery is every image of --split (default test), ranked as that dataset's retrieval test
+ranks it: a FashionIQ test query against its category's gallery with the candidate kept, every
+other test query with its source image left out.  The gallery's features are computed once and
+cached on disk, so later queries against the same checkpoint and split take a second or so.
 """
 import argparse
 import contextlib
@@ -19,7 +21,9 @@ import time
 import torch
 
 import checkpoints
+import cirr
 import datasets
+import fashioniq
 import img_text_composition_models
 import experiment
 import main
@@ -44,14 +48,23 @@ def get_args_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--checkpoint', type=str, required=True,
                    help='model checkpoint (ours or the released format)')
-    p.add_argument('--dataset', type=str, default=None, choices=['css3d', 'fashion200k', 'mitstates'],
+    p.add_argument('--dataset', type=str, default=None, choices=list(experiment.DATASET_CLASSES),
                    help="gallery dataset (default: the checkpoint's, else css3d)")
     p.add_argument('--dataset_path', type=str, default=None,
                    help="dataset root (default: the checkpoint's --dataset_path; an error when "
                         "that folder is not here)")
-    p.add_argument('--split', type=str, default='test', choices=['train', 'test'],
+    p.add_argument('--split', type=str, default='test', choices=['train', 'test', 'test1'],
                    help='split whose images form the gallery and whose test queries '
-                        '--query_index counts (default: test)')
+                        '--query_index counts (default: test; FashionIQ\'s and CIRR\'s test is their '
+                        'val files; test1: CIRR\'s test1, whose queries have no known target)')
+    p.add_argument('--fiq_category', type=str, default=None, choices=['dress', 'shirt', 'toptee', 'all'],
+                   help="FashionIQ categories in the gallery (default: the checkpoint's, else all)")
+    p.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
+                   help='FashionIQ galleries: split (default: every image of the category\'s '
+                        'split file) or val (the images of its val triplets only)')
+    p.add_argument('--skip_missing_images', action='store_true',
+                   help='FashionIQ and CIRR: drop the images that are not downloaded (and the '
+                        'queries that use them) instead of stopping (default: off)')
     p.add_argument('--model', type=str, default=None,
                    choices=list(img_text_composition_models.MODELS),
                    help="composition model (default: the checkpoint's)")
@@ -61,7 +74,9 @@ def get_args_parser():
     query.add_argument('--query_text', type=str, default=None, help='modification text')
     query.add_argument('--query_index', type=int, default=None,
                        help="the N-th test query of --split (from 0): its source image and text, "
-                            "and its known target; the source image is left out of the results")
+                            "and its known target, ranked as the retrieval test ranks it (the "
+                            "source image left out; FashionIQ: its category's gallery, the "
+                            "candidate kept; CIRR: its image set ranked as well)")
     p.add_argument('--topk', type=int, default=10,
                    help=f'number of results (default: 10); the --out picture shows the first '
                         f'{MAX_DRAWN}, {retrieval_grid.MAX_COLUMNS} to a line')
@@ -120,6 +135,11 @@ def adopt_checkpoint_dataset(opt, ckpt):
     saved_dataset = getattr(saved, 'dataset', None)
     if opt.dataset is None:
         opt.dataset = saved_dataset or 'css3d'
+    if opt.fiq_category is None:
+        opt.fiq_category = getattr(saved, 'fiq_category', 'all') if saved_dataset == opt.dataset else 'all'
+    if opt.split == 'test1' and opt.dataset != 'cirr':
+        raise experiment.UserError(f'--split=test1: only CIRR has a test1 split (the dataset here '
+                                   f'is {opt.dataset})')
     if opt.dataset_path is not None:
         return
     saved_path = getattr(saved, 'dataset_path', None)
@@ -148,13 +168,13 @@ def load_model_and_gallery(opt):
         experiment.adopt_checkpoint_architecture(opt, ckpt)
         device = experiment.select_device(opt.device)
         opt.fast_decode = False  # exact pixels
-        trainset, testset = experiment.load_dataset(opt)
+        trainset, testset = experiment.load_dataset(opt, 'test1' if opt.split == 'test1' else 'test')
         vocab = experiment.build_vocabulary(opt, ckpt, opt.checkpoint, trainset)
         opt.img_weights = 'none'  # every weight comes from the checkpoint
         model = experiment.create_model(opt, trainset.get_all_texts(), vocab)
         experiment.load_model_weights(model, ckpt, opt.checkpoint)
     model = model.to(device).eval()
-    return model, (testset if opt.split == 'test' else trainset)
+    return model, (trainset if opt.split == 'train' else testset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +196,11 @@ def _data_files(dataset):
     if isinstance(dataset, datasets.Fashion200k):
         labels = os.path.join(root, 'labels')
         return [os.path.join(labels, f) for f in sorted(os.listdir(labels)) if dataset.split in f]
+    if isinstance(dataset, fashioniq.FashionIQ):
+        return [f(root, category, dataset.file_split) for category in dataset.categories
+                for f in (fashioniq.captions_file, fashioniq.split_file)]
+    if isinstance(dataset, cirr.CIRR):
+        return [dataset.captions_path, dataset.split_path]
     return []
 
 
@@ -210,8 +235,9 @@ def cache_path(opt):
     folder = opt.cache_dir or os.path.join(os.path.dirname(os.path.abspath(opt.checkpoint)),
                                            'feature_cache')
     # One file per (checkpoint file, dataset split): a newer checkpoint or changed data overwrite it.
+    galleries = [opt.fiq_category, opt.fiq_protocol] if opt.dataset == 'fashioniq' else []
     name = hashlib.sha1(json.dumps([os.path.abspath(opt.checkpoint), opt.dataset,
-                                    os.path.abspath(opt.dataset_path)]).encode()).hexdigest()[:16]
+                                    os.path.abspath(opt.dataset_path)] + galleries).encode()).hexdigest()[:16]
     return os.path.join(folder, f'gallery_{opt.dataset}_{opt.split}_{name}.pt')
 
 
@@ -293,16 +319,25 @@ def query_from_index(dataset, n):
                              f'{len(queries)} test queries, 0 to {len(queries) - 1})')
     q = queries[n]
     source = int(q['source_img_id'])
+    name = f'test query {n} of the {dataset.split} split'
+    if 'category' in q:
+        name += f' ({q["category"]})'
+    if 'pairid' in q:
+        name += f' (pairid {q["pairid"]})'
     return {'text': q['mod']['str'], 'source_id': source,
             'display': retrieval_grid.display_image(dataset, source),
             'target_caption': q['target_caption'], 'target_id': q.get('target_img_id'),
-            'name': f'test query {n} of the {dataset.split} split: image {image_name(dataset, source)}'}
+            'category': q.get('category'), 'subset_ids': q.get('subset_ids'),
+            'name': f'{name}: image {image_name(dataset, source)}'}
 
 
 def query_from_file(opt, dataset):
     img = datasets.open_photo(opt.query_img)  # ImageReadError (a DatasetError) when unreadable
     source = image_files(dataset).get(os.path.realpath(opt.query_img))
-    if source is not None:
+    if source is not None and keeps_source(dataset):
+        print(f'The query image is gallery image {source}: kept in the results, as in the '
+              f'FashionIQ protocol', file=sys.stderr)
+    elif source is not None:
         print(f'The query image is gallery image {source}: left out of the results, as in the '
               f'retrieval protocol', file=sys.stderr)
     return {'text': opt.query_text, 'source_id': source, 'display': img,
@@ -319,6 +354,41 @@ def query_feature(model, dataset, query):
         q = {'source_img_id': query['source_id'], 'mod': {'str': query['text']}}
         feature = test_retrieval.compute_query_features(model, dataset, [q], 1)
     return torch.nn.functional.normalize(feature, dim=1)
+
+
+def keeps_source(dataset):
+    """FashionIQ's protocol ranks the candidate with the rest of its gallery (SPEC 2.4); every
+    other dataset's leaves the query's source image out."""
+    return isinstance(dataset, fashioniq.FashionIQ)
+
+
+def protocol_gallery(dataset, query):
+    """(gallery ids, or None for every image; source id to leave out, or None) for `query`, as
+    the dataset's retrieval test ranks it: a FashionIQ test query against its category's gallery."""
+    ids = dataset.galleries[query['category']] if query.get('category') is not None else None
+    if query['source_id'] is None or keeps_source(dataset):
+        return ids, None
+    return ids, query['source_id']
+
+
+def rank_gallery(feature, gallery, topk, ids, exclude):
+    """(scores, gallery indices) of the top-k among `ids` (all when None), `exclude` left out."""
+    if ids is None:
+        scores, indices = test_retrieval.top_k_with_scores(
+            feature, gallery, topk, None if exclude is None else [exclude])
+        return scores[0].tolist(), indices[0].tolist()
+    position = {idx: i for i, idx in enumerate(ids)}
+    scores, positions = test_retrieval.top_k_with_scores(
+        feature, gallery[torch.as_tensor(ids, device=gallery.device)], topk,
+        None if exclude is None else [position[exclude]])
+    return scores[0].tolist(), [ids[i] for i in positions[0].tolist()]
+
+
+def subset_ranking(feature, gallery, subset_ids):
+    """CIRR's recall_subset ranking: [(score, id)] of the image set's members other than the
+    reference, best first."""
+    scores = (feature @ gallery[torch.as_tensor(subset_ids, device=gallery.device)].t())[0].tolist()
+    return sorted(zip(scores, subset_ids), key=lambda pair: -pair[0])
 
 
 def warn_unknown_words(model, text):
@@ -343,9 +413,9 @@ def retrieve(opt):
     warn_unknown_words(model, query['text'])
     gallery = gallery_features(opt, model, dataset)
     feature = query_feature(model, dataset, query).to(gallery.device)
-    exclude = None if query['source_id'] is None else [query['source_id']]
-    scores, indices = test_retrieval.top_k_with_scores(feature, gallery, opt.topk, exclude)
-    scores, indices = scores[0].tolist(), indices[0].tolist()
+    scores, indices = rank_gallery(feature, gallery, opt.topk, *protocol_gallery(dataset, query))
+    if query.get('subset_ids'):
+        query['subset'] = subset_ranking(feature, gallery, query['subset_ids'])
     results = []
     for rank, (score, idx) in enumerate(zip(scores, indices), 1):
         caption = dataset.imgs[idx]['captions'][0]
@@ -388,6 +458,11 @@ def print_results(query, results, dataset):
     for r in results:
         mark = '  <- target' if r['correct'] else ''
         print(f'{r["rank"]:>4}  {r["score"]:>7.4f}  {r["caption"]:<{width}}  {r["file"]}{mark}')
+    if query.get('subset'):
+        print('Within its image set (CIRR recall_subset): ' + ', '.join(
+            f'{dataset.imgs[idx]["captions"][0]} {score:.4f}'
+            + (' <- target' if dataset.imgs[idx]['captions'][0] == query['target_caption'] else '')
+            for score, idx in query['subset']))
 
 
 def main_cli(argv=None):
