@@ -23,7 +23,11 @@ Sections (one line per figure: both timings and their ratio):
              backward + SGD step on the same 2B images already in memory: overhead ratio.
   data       images per second of the Fashion200k image pipeline (datasets.open_photo, then
              datasets.photo_transform: Resize(224), CenterCrop(224), ToTensor, Normalize) on
-             generated JPEGs, with 0 and N DataLoader workers, fast decode off and on.
+             generated JPEGs, with 0 and N DataLoader workers, fast decode off and on; then
+             training triplets per second of the FashionIQ and CIRR loaders (main.py's training
+             loader over fashioniq.FashionIQ / cirr.CIRR train, batch --batch_size), 0 against N
+             workers, on generated trees in their layouts (FashionIQ JPEGs, CIRR PNGs) or on
+             real ones given with --fiq_path / --cirr_path.
   memory     peak resident memory of a train-split evaluation (test_retrieval.test on an MIT-States
              tree at 224 px, --memory_counts sampled examples, a stand-in model that costs nothing
              per image) against the plain way (a list of the examples with their images, then
@@ -59,6 +63,8 @@ if REPO not in sys.path:
 
 import datasets  # noqa: E402
 import distributed  # noqa: E402
+import experiment  # noqa: E402
+import fashioniq  # noqa: E402
 import img_text_composition_models  # noqa: E402
 import main  # noqa: E402
 import make_css_dataset  # noqa: E402
@@ -649,7 +655,86 @@ def bench_data(args, tmp):
     best = max(rates.values())
     lines.append(f'data images for one Fashion200k iteration (2x32): {64 / best:.3f} s at the best '
                  f'rate above ({best:.1f} img/s)')
+    for name, tree in (('fashioniq', args.fiq_path), ('cirr', args.cirr_path)):
+        generated = tree is None
+        if generated:
+            tree = write_triplet_tree(name, os.path.join(tmp, name), paths)
+        line, result[name] = bench_triplet_loader(args, name, tree, generated)
+        lines.append(line)
     return lines, result
+
+
+def write_triplet_tree(dataset_name, root, jpegs):
+    """A FashionIQ or CIRR train split in the real layout over the generated photos: 2 triplets
+    per image, as in the real data (FashionIQ 18,000 over 16,500 images; CIRR 28,800 over 17,000),
+    FashionIQ's as JPEGs, CIRR's as PNGs."""
+    import PIL.Image
+
+    def write(path, content):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            json.dump(content, f)
+    names = [f'img{i:04d}' for i in range(len(jpegs))]
+    pairs = [(names[i], names[(i + step) % len(names)]) for step in (1, 2) for i in range(len(names))]
+    if dataset_name == 'fashioniq':
+        for name, jpeg in zip(names, jpegs):
+            os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+            shutil.copy(jpeg, os.path.join(root, 'images', name + '.jpg'))
+        write(fashioniq.captions_file(root, 'dress', 'train'),
+              [{'candidate': a, 'target': b, 'captions': [f'is longer {i}', f'has stripes {i}']}
+               for i, (a, b) in enumerate(pairs)])
+        write(fashioniq.split_file(root, 'dress', 'train'), names)
+        for category in fashioniq.CATEGORIES[1:]:  # one triplet each: the loader reads every file
+            write(fashioniq.captions_file(root, category, 'train'),
+                  [{'candidate': names[0], 'target': names[1], 'captions': ['a', 'b']}])
+            write(fashioniq.split_file(root, category, 'train'), names[:2])
+        return root
+    paths = {name: f'./train/0/{name}.png' for name in names}
+    for name, jpeg in zip(names, jpegs):
+        os.makedirs(os.path.join(root, 'train', '0'), exist_ok=True)
+        PIL.Image.open(jpeg).save(os.path.join(root, paths[name]))
+    write(os.path.join(root, 'cirr', 'captions', 'cap.rc2.train.json'),
+          [{'pairid': i, 'reference': a, 'target_hard': b, 'caption': f'make it brighter {i}',
+            'img_set': {'id': i, 'members': [a, b]}} for i, (a, b) in enumerate(pairs)])
+    write(os.path.join(root, 'cirr', 'image_splits', 'split.rc2.train.json'), paths)
+    return root
+
+
+def triplets_per_second(opt, trainset, batches):
+    """Training examples (2 images each) per second through main.py's training loader; the
+    first batches (worker start, file cache) are not timed."""
+    sampler = main.EpochBatchSampler(main.num_training_examples(trainset), opt.batch_size, opt.seed)
+    loader = main.make_train_loader(opt, trainset, sampler, torch.device('cpu'))
+    warmup = 2 * opt.loader_num_workers + 1
+    count, start = 0, None
+    for b, batch in enumerate(endless_batches(loader, sampler)):
+        if b == warmup - 1:
+            start = time.perf_counter()
+        elif b >= warmup:
+            count += batch['source_img_data'].shape[0]
+            if count >= batches * opt.batch_size:
+                break
+    return count / (time.perf_counter() - start)
+
+
+def bench_triplet_loader(args, dataset_name, root, generated):
+    opt = main.parse_opt([f'--dataset={dataset_name}', f'--dataset_path={root}',
+                          f'--batch_size={args.batch_size}', f'--seed={args.seed}',
+                          '--img_weights=none', '--fiq_category=all'])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainset, _ = experiment.load_dataset(opt, 'train')
+    rates = {}
+    for workers in (0, args.workers):
+        opt.loader_num_workers = workers
+        rates[workers] = triplets_per_second(opt, trainset, args.data_batches)
+    r0, rn = rates[0], rates[args.workers]
+    source = 'generated' if generated else root
+    line = (f'data {dataset_name} train loader ({main.num_training_examples(trainset)} triplets, '
+            f'{len(trainset.imgs)} images, {source}), batch {opt.batch_size}: 0 workers '
+            f'{r0:.1f} triplets/s, {args.workers} workers {rn:.1f} triplets/s, speed-up '
+            f'{rn / r0:.2f}x')
+    return line, {'triplets': main.num_training_examples(trainset), 'images': len(trainset.imgs),
+                  'workers_0_triplets_per_s': r0, f'workers_{args.workers}_triplets_per_s': rn}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,6 +1024,12 @@ def get_args_parser():
                    help='data: generated JPEG size, WIDTHxHEIGHT')
     p.add_argument('--data_images', type=int, default=48, help='data: JPEG files generated')
     p.add_argument('--data_passes', type=int, default=2, help='data: timed passes over them')
+    p.add_argument('--data_batches', type=int, default=6,
+                   help='data: timed training batches of the FashionIQ and CIRR loaders')
+    p.add_argument('--fiq_path', default=None,
+                   help='data: a FashionIQ tree to time instead of a generated one')
+    p.add_argument('--cirr_path', default=None,
+                   help='data: a CIRR tree to time instead of a generated one')
     p.add_argument('--memory_counts', type=parse_counts, default='300,3000',
                    help='memory: comma-separated numbers of sampled training examples')
     p.add_argument('--threads', type=int, default=0,
@@ -960,7 +1051,7 @@ def get_args_parser():
 
 QUICK = {'queries': 200, 'gallery': 2000, 'dim': 64, 'repeats': 1, 'loss_repeats': 10,
          'batch_size': 4, 'iters': 2, 'warmup': 1, 'image_size': (320, 240), 'data_images': 8,
-         'data_passes': 1, 'memory_counts': [20, 200]}
+         'data_passes': 1, 'data_batches': 2, 'memory_counts': [20, 200]}
 
 
 def parse_args(argv=None):
@@ -977,7 +1068,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f'--only: unknown section(s) {", ".join(unknown)} (choose from {", ".join(SECTIONS)})')
     for name in ('queries', 'gallery', 'dim', 'repeats', 'loss_repeats', 'iters', 'data_images',
-                 'data_passes'):
+                 'data_passes', 'data_batches'):
         if getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1')
     if args.batch_size < 2:

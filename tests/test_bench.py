@@ -39,6 +39,9 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     line('train iteration batch 4 ', 'overhead')
     assert len(line('data ', 'speed-up|s at the best rate|on vs off')) >= 4
     assert any(re.match(r'pixels fast_decode vs exact: mean \|difference\| = \d+\.\d+', x) for x in lines)
+    # 8 generated images, 2 triplets each (FashionIQ: 2 more, one per other category's file).
+    line('data fashioniq train loader (18 triplets, 8 images, generated), batch 4: ', 'speed-up')
+    line('data cirr train loader (16 triplets, 8 images, generated), batch 4: ', 'speed-up')
     line('ddp train iterations, global batch 4 ', 'scaling')
 
     results = json.loads(out.read_text())
@@ -47,6 +50,8 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert set(results['loss']) >= {'32', '128'}
     assert results['train']['overhead'] > 0
     assert results['data']['fast_decode_on']['workers_0_img_per_s'] > 0
+    for name in ('fashioniq', 'cirr'):
+        assert results['data'][name]['workers_2_triplets_per_s'] > 0
     ddp = results['ddp']['runs']
     assert ddp['1']['processes'] == 1 and ddp['2']['processes'] == 2, ddp
     assert results['ddp']['scaling'] == pytest.approx(ddp['2']['img_per_s'] / ddp['1']['img_per_s'])
