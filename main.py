@@ -630,8 +630,9 @@ def train(run, progress):
         if run['interrupt'].aborted:
             raise
         # The first signal inside a retrieval test: save at once, below.
-    except Exception:
-        if distributed.is_main_process():
+    except Exception as e:
+        # A failed checkpoint write (a full disk) is not retried: its own message says what is kept.
+        if distributed.is_main_process() and not isinstance(e, checkpoints.CheckpointWriteError):
             save_before_failing(run, progress)
         raise
     return save_after_interrupt(run, progress)

@@ -90,12 +90,32 @@ def read_scalars(run_dir):
     return scalars
 
 
-def run_main(args, cwd, timeout=600, env=None):
-    import subprocess
-    # One thread: on a 2-core machine shared with the test runner, two threads thrash.
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, os.path.join(REPO, 'main.py')] + list(args), cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+def run_main(args, cwd, timeout=600, env=None, subprocess=False):
+    """main.py with `args` in the folder `cwd`: (returncode, stdout, stderr).  In this process by
+    default (importing torch again costs 4-5 s a run); `subprocess=True` (or an `env`) runs the
+    real command line, for what only a fresh process shows: warnings (pytest would catch them
+    here), signals, the interpreter's exit."""
+    if subprocess or env is not None:
+        import subprocess as sp
+        # One thread: on a 2-core machine shared with the test runner, two threads thrash.
+        env = dict(os.environ if env is None else env, OMP_NUM_THREADS='1')
+        return sp.run([sys.executable, os.path.join(REPO, 'main.py')] + list(args), cwd=cwd,
+                      capture_output=True, text=True, timeout=timeout, env=env)
+    import contextlib
+    import io
+    import types
+    import main
+    out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main.main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        os.chdir(previous)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 TINY = ['--dataset=css3d', '--batch_size=4', '--embed_dim=16', '--loader_num_workers=0',

@@ -32,7 +32,7 @@ def load_full(path):
 def test_cli_end_to_end_creates_run_folder_checkpoint_and_scalars(css_root, tmp_path):
     result = run_main(['--dataset=css3d', f'--dataset_path={css_root}', '--num_iters=7',
                        '--batch_size=4', '--embed_dim=32', '--loader_num_workers=0',
-                       '--img_weights=none', '--comment=_x'], cwd=tmp_path)
+                       '--img_weights=none', '--comment=_x'], cwd=tmp_path, subprocess=True)
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_folders(tmp_path, '_x')
     assert re.fullmatch(r'[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_.+_x', os.path.basename(run_dir))

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -316,7 +317,8 @@ def test_fashion200k_label_order_sets_the_first_seen_vocabulary(tmp_path):
 
 def test_more_workers_than_cpus_is_capped_with_one_line_and_no_warning(css_root, tmp_path):
     result = run_main(TINY[:-2] + ['--loader_num_workers=64', '--img_weights=none',
-                                   f'--dataset_path={css_root}', '--num_iters=3'], cwd=tmp_path)
+                                   f'--dataset_path={css_root}', '--num_iters=3'], cwd=tmp_path,
+                      subprocess=True)  # a warning only reaches stderr in a fresh process
     assert result.returncode == 0, result.stderr
     cpus = len(os.sched_getaffinity(0))
     assert result.stdout.count(f'Using {cpus} DataLoader workers') == 1
@@ -360,3 +362,24 @@ def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp
     result = run_main([f'--resume={path}', f'--num_iters={it + 4}'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert checkpoints.load(path)['it'] == it + 4
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_root, tmp_path):
+    """Issue 12.8: torch raises RuntimeError (not OSError) when a checkpoint write fails.  A real
+    write error from the kernel: files past 1 MB fail as on a full disk (a checkpoint is ~45 MB)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
+        f'--dataset_path={css_root}', '--num_iters=3', '--comment=_full']
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith('main.py: error: ') and 'checkpoint.pth: cannot write (File too large)' in line
+    (run_dir,) = run_folders(tmp_path, '_full')
+    left = os.listdir(run_dir)
+    assert not [name for name in left if name.endswith('.tmp') or name.endswith('.pth')], left
+    assert [name for name in left if name.startswith('events.out.tfevents')]  # the run's log stays
