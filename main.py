@@ -352,6 +352,8 @@ def options_for_resume(opt, ckpt):
         if flag in RESUMABLE_FLAGS or not hasattr(defaults, flag):
             continue
         before, given = getattr(saved, flag, getattr(defaults, flag)), getattr(opt, flag)
+        if flag == 'batch_size' and given == getattr(saved, 'requested_batch_size', None):
+            continue  # the original command on a training set smaller than its batch
         if given != before:
             changeable = ', '.join('--' + f for f in sorted(RESUMABLE_FLAGS - {'resume', 'f'}))
             raise UserError(f'--{flag}={given}: the run in {opt.resume} used --{flag}={before}; '
@@ -767,10 +769,22 @@ def wrap_for_training(opt, model, device):
         find_unused_parameters=opt.model == 'imgonly')
 
 
-def check_training_set(opt, trainset):
+def fit_batch_size(opt, trainset):
+    """A training set smaller than --batch_size (a smoke test on a small tree): every epoch is
+    then one batch of all its examples (a multiple of the processes), said once.  With the
+    reference's drop_last batches an epoch would be empty and training would never advance."""
     count = num_training_examples(trainset)
-    if count < opt.batch_size:
-        raise UserError(f'--batch_size={opt.batch_size} is larger than the {count} training examples')
+    if count >= opt.batch_size:
+        return
+    processes = distributed.world_size()
+    fitted = count - count % processes
+    least = max(processes, 2 if opt.loss == 'soft_triplet' else 1)
+    if fitted < least:
+        raise UserError(f'--batch_size={opt.batch_size}: the training split has only {count} '
+                        f'examples (at least {least} are needed)')
+    distributed.print0(f'--batch_size={opt.batch_size} is larger than the {count} training '
+                       f'examples: using --batch_size={fitted} (one batch an epoch)')
+    opt.requested_batch_size, opt.batch_size = opt.batch_size, fitted
 
 
 def load_data(opt):
@@ -799,7 +813,7 @@ def run(opt):
     trainset, testset = load_data(opt)
     model = build_model(opt, init_ckpt, init_path, trainset, device)
     if not opt.test_only:
-        check_training_set(opt, trainset)
+        fit_batch_size(opt, trainset)
     logger, run_dir = open_run(opt)
     run = {'opt': opt, 'model': model, 'trainset': trainset, 'testset': testset, 'device': device,
            'logger': logger, 'dir': run_dir, 'optimizer': None}

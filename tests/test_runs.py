@@ -383,3 +383,39 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_roo
     left = os.listdir(run_dir)
     assert not [name for name in left if name.endswith('.tmp') or name.endswith('.pth')], left
     assert [name for name in left if name.startswith('events.out.tfevents')]  # the run's log stays
+
+
+def test_a_training_set_smaller_than_the_batch_trains_one_batch_an_epoch_and_resumes(css_root, tmp_path):
+    """A smoke test on a small tree with the default --batch_size: drop_last batches would leave
+    every epoch empty.  The 36 fixture images make one batch of 36; the original command resumes."""
+    command = TINY[:1] + TINY[2:] + [f'--dataset_path={css_root}', '--batch_size=40', '--comment=_fit']
+    result = run_main(command + ['--num_iters=2'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('--batch_size=40 is larger than the 36 training examples: using '
+                               '--batch_size=36 (one batch an epoch)') == 1
+    (run_dir,) = run_folders(tmp_path, '_fit')
+    path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    ckpt = checkpoints.load(path)
+    # Iterations 0 and 1 were epochs 0 and 1, one batch each.
+    assert ckpt['it'] == 2 and (ckpt['epoch'], ckpt['batches_done']) == (1, 1)
+    assert ckpt['opt'].batch_size == 36
+    result = run_main(command + ['--num_iters=3', f'--resume={path}'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert checkpoints.load(path)['it'] == 3
+
+
+@pytest.mark.parametrize('count, processes, loss, expected', [
+    (18, 1, 'soft_triplet', 18), (18, 4, 'soft_triplet', 16), (40, 4, 'soft_triplet', 32),
+    (3, 4, 'soft_triplet', None), (1, 1, 'soft_triplet', None), (1, 1, 'batch_based_classification', 1)])
+def test_the_fitted_batch_divides_by_the_processes(monkeypatch, capsys, count, processes, loss, expected):
+    import distributed
+    monkeypatch.setattr(distributed, 'world_size', lambda: processes)
+    opt = argparse.Namespace(batch_size=32, loss=loss)
+    trainset = argparse.Namespace(num_training_examples=lambda: count)
+    if expected is None:
+        with pytest.raises(main.UserError, match=f'the training split has only {count} examples'):
+            main.fit_batch_size(opt, trainset)
+        return
+    main.fit_batch_size(opt, trainset)
+    assert opt.batch_size == expected
+    assert getattr(opt, 'requested_batch_size', 32) == 32
