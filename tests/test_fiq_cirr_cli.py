@@ -122,6 +122,15 @@ def test_cirr_trains_tests_and_writes_the_test1_submission(tmp_path, capsys):
     assert {f'test {n}' for n in CIRR_NAMES} <= set(lines[-1])
 
     checkpoint = os.path.join(run_dir, 'latest_checkpoint.pth')
+    resumed = run_main([f'--resume={checkpoint}', '--num_iters=8'], capsys)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(checkpoint, weights_only=False)['it'] == 8
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        assert [json.loads(line)['it'] for line in f][-2:] == [6, 8]  # resumed in the same folder
+    assert only_run_folder(tmp_path, 'cirr_train') == run_dir
+    final = printed(resumed.stdout, 'test')  # the weights tested below are those at 8
+    assert list(final) == CIRR_NAMES
+
     _, val_dir = run_test_only(tmp_path, capsys, checkpoint, 'cirr_val')
     val = results_of(val_dir)
     assert val['dataset'] == 'cirr' and list(val['metrics']) == CIRR_NAMES
