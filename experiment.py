@@ -72,6 +72,20 @@ DATASET_CLASSES = {
 }
 
 
+def add_photo_benchmark_flags(parser, category_default, category_help):
+    """--fiq_category, --fiq_protocol and --skip_missing_images, as main.py and retrieve.py
+    take them (the category's default and meaning differ: a run's, or a checkpoint's)."""
+    parser.add_argument('--fiq_category', type=str, default=category_default,
+                        choices=['dress', 'shirt', 'toptee', 'all'], help=category_help)
+    parser.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
+                        help="FashionIQ test gallery: 'split' (every image of split.<category>."
+                             "val.json) or 'val' (the images of the val triplets, as the VAL paper) "
+                             "(default: %(default)s)")
+    parser.add_argument('--skip_missing_images', action='store_true',
+                        help='FashionIQ and CIRR: drop triplets and gallery entries whose image is '
+                             'missing (counted and recorded) instead of stopping (default: %(default)s)')
+
+
 def dataset_options(opt):
     """Constructor arguments beyond (path, split, transform), from the flags (main.py's defaults
     where `opt` lacks one, as retrieve.py's options do)."""

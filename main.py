@@ -28,7 +28,8 @@ import distributed
 import img_text_composition_models
 import test_retrieval
 import text_model
-from experiment import (DEFAULT_DATASET_PATH, UserError, adopt_checkpoint_architecture,  # noqa: F401
+from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_flags,  # noqa: F401
+                        adopt_checkpoint_architecture,
                         adopt_checkpoint_dataset, build_vocabulary, create_model,
                         ensure_default_dataset, load_dataset, load_model_weights, seed_everything,
                         select_device)
@@ -88,14 +89,7 @@ def get_args_parser():
     p.add_argument('--f200k_label_order', type=str, default=None,
                    help='Fashion200k: comma-separated label-file names giving the order in which '
                         'they are read (default: sorted names)')
-    p.add_argument('--fiq_category', type=str, default='all', choices=['dress', 'shirt', 'toptee', 'all'],
-                   help='FashionIQ categories trained and tested')
-    p.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
-                   help="FashionIQ test gallery: 'split' (every image of split.<category>.val.json) "
-                        "or 'val' (the images of the val triplets, as the VAL paper)")
-    p.add_argument('--skip_missing_images', action='store_true',
-                   help='FashionIQ and CIRR: drop triplets and gallery entries whose image is missing '
-                        '(counted and recorded) instead of stopping')
+    add_photo_benchmark_flags(p, 'all', 'FashionIQ categories trained and tested')
     p.add_argument('--test_only', action='store_true', help='run the retrieval test once and exit')
     p.add_argument('--test_split', type=str, default='test', choices=['train', 'test', 'test1'],
                    help="split evaluated by --test_only ('test1': CIRR's evaluation-server files)")

@@ -57,14 +57,8 @@ def get_args_parser():
                    help='split whose images form the gallery and whose test queries '
                         '--query_index counts (default: test; FashionIQ\'s and CIRR\'s test is their '
                         'val files; test1: CIRR\'s test1, whose queries have no known target)')
-    p.add_argument('--fiq_category', type=str, default=None, choices=['dress', 'shirt', 'toptee', 'all'],
-                   help="FashionIQ categories in the gallery (default: the checkpoint's, else all)")
-    p.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
-                   help='FashionIQ galleries: split (default: every image of the category\'s '
-                        'split file) or val (the images of its val triplets only)')
-    p.add_argument('--skip_missing_images', action='store_true',
-                   help='FashionIQ and CIRR: drop the images that are not downloaded (and the '
-                        'queries that use them) instead of stopping (default: off)')
+    experiment.add_photo_benchmark_flags(
+        p, None, "FashionIQ categories in the gallery (default: the checkpoint's, else all)")
     p.add_argument('--model', type=str, default=None,
                    choices=list(img_text_composition_models.MODELS),
                    help="composition model (default: the checkpoint's)")
