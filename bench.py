@@ -665,9 +665,9 @@ def bench_data(args, tmp):
 
 
 def write_triplet_tree(dataset_name, root, jpegs):
-    """A FashionIQ or CIRR train split in the real layout over the generated photos: 2 triplets
-    per image, as in the real data (FashionIQ 18,000 over 16,500 images; CIRR 28,800 over 17,000),
-    FashionIQ's as JPEGs, CIRR's as PNGs."""
+    """A FashionIQ or CIRR train split in the real layout over the generated photos, 2 triplets
+    per image (each image a source once and a target twice); FashionIQ's as JPEGs, CIRR's as
+    PNGs, as their downloads mostly hold."""
     import PIL.Image
 
     def write(path, content):
@@ -721,8 +721,12 @@ def bench_triplet_loader(args, dataset_name, root, generated):
     opt = main.parse_opt([f'--dataset={dataset_name}', f'--dataset_path={root}',
                           f'--batch_size={args.batch_size}', f'--seed={args.seed}',
                           '--img_weights=none', '--fiq_category=all'])
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainset, _ = experiment.load_dataset(opt, 'train')
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainset, _ = experiment.load_dataset(opt, 'train')
+            main.fit_batch_size(opt, trainset)  # a tree smaller than the batch: one batch an epoch
+    except (experiment.UserError, datasets.DatasetError) as e:
+        raise SystemExit(f'bench.py: --{"fiq" if dataset_name == "fashioniq" else "cirr"}_path: {e}') from None
     rates = {}
     for workers in (0, args.workers):
         opt.loader_num_workers = workers

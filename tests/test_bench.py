@@ -90,3 +90,10 @@ def test_retrieval_features_give_exact_scores_and_no_ties_across_captions():
         tied = values[1:] == values[:-1]
         assert torch.equal(caption_ids[order[1:]][tied], caption_ids[order[:-1]][tied])
     assert len({x['target_caption'] for x in queries}) > 1
+
+
+def test_a_missing_real_tree_is_a_one_line_exit(tmp_path):
+    missing = str(tmp_path / 'no_fashioniq')
+    with pytest.raises(SystemExit) as info:
+        bench.run(bench.parse_args(['--quick', '--only', 'data', '--fiq_path', missing]))
+    assert str(info.value) == f'bench.py: --fiq_path: --dataset_path={missing}: no such folder'
