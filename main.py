@@ -15,6 +15,7 @@ import random
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -424,6 +425,59 @@ def open_run(opt):
     return logger, run_dir
 
 
+OPTIONS_FILE = 'options.json'
+
+
+def project_version(folder=os.path.dirname(os.path.abspath(__file__))):
+    """(git commit, whether tracked files differ from it) of the project's folder, or
+    (None, None) outside git or without git."""
+    def git(*args):
+        result = subprocess.run(['git', '-C', folder] + list(args), capture_output=True, text=True,
+                                timeout=30)
+        return result.stdout.strip() if result.returncode == 0 else None
+    try:
+        commit = git('rev-parse', 'HEAD')
+        changes = git('status', '--porcelain', '--untracked-files=no') if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, None if changes is None else bool(changes)
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def run_record(opt, device):
+    """What options.json holds: every option and what else the numbers depend on."""
+    commit, modified = project_version()
+    return {'options': {k: v for k, v in sorted(vars(opt).items()) if k != 'explicit_flags'},
+            'explicit_flags': getattr(opt, 'explicit_flags', []),
+            'seed': opt.seed, 'torch_version': torch.__version__,
+            'project_version': commit, 'project_modified': modified,
+            'device': str(device), 'device_name': device_name(device),
+            'processes': distributed.world_size(), 'host': socket.gethostname(),
+            'started': datetime.datetime.now().isoformat(timespec='seconds')}
+
+
+def write_options_file(run_dir, opt, device):
+    """options.json, written once when the run folder is new (a run resumed in its own folder
+    keeps the file its start wrote), atomically: never a half-written file."""
+    path = os.path.join(run_dir, OPTIONS_FILE)
+    if os.path.exists(path):
+        return
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(run_record(opt, device), f, indent=1, default=str)
+            f.write('\n')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def append_metrics_line(run_dir, record):
     with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -812,6 +866,8 @@ def run(opt):
     run = {'opt': opt, 'model': model, 'trainset': trainset, 'testset': testset, 'device': device,
            'logger': logger, 'dir': run_dir, 'optimizer': None}
     try:
+        if run_dir is not None:
+            write_options_file(run_dir, opt, device)
         if opt.test_only:
             return test_only(run)
         run['train_model'] = wrap_for_training(opt, model, device)

@@ -42,6 +42,10 @@ def test_two_processes_train_one_experiment_and_test_only_gives_the_same_recalls
     # Only the first process prints: each line once.
     assert result.stdout.count('Run folder:') == 1
     assert result.stdout.count('Finished training at iteration 12') == 1
+    # options.json: written by the first process alone, recording both processes.
+    record = json.load(open(os.path.join(run_dir, 'options.json')))
+    assert record['processes'] == 2 and record['seed'] == 1
+    assert not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]
 
     single = run_main(['--test_only', f'--checkpoint={ckpt_path}', '--loader_num_workers=0',
                        '--batch_size=8', '--comment=_single'], cwd=tmp_path)
