@@ -1,0 +1,267 @@
+"""Shoes (SPEC 2.6) on tiny trees in the release formats: the two protocols' queries and
+galleries written out by hand, recalls against a per-query implementation, every bad input."""
+import os
+
+import pytest
+
+from fiq_cirr_fixtures import NameModel, per_query_ranking, use_id_images
+from shoes_fixtures import LAYOUTS, image_folder, image_name, small_lists, write_shoes
+
+import datasets
+import shoes
+
+
+def load(root, split='test', **options):
+    return shoes.Shoes(str(root), split, datasets.photo_transform(), **options)
+
+
+@pytest.fixture
+def small(tmp_path):
+    train, evaluation, triplets = small_lists()
+    write_shoes(str(tmp_path / 'shoes'), train, evaluation, triplets)
+    return tmp_path / 'shoes', triplets
+
+
+def pairs(dataset):
+    return [(e['reference'], e['target']) for e in dataset.examples]
+
+
+def triplet_pairs(triplets, indices):
+    return [(triplets[i][0], triplets[i][1]) for i in indices]
+
+
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+def test_query_and_gallery_counts_of_a_fixture_built_like_the_real_lists(tmp_path, layout):
+    train, evaluation, triplets = small_lists()
+    root = tmp_path / layout
+    write_shoes(str(root), train, evaluation, triplets, layout=layout)
+    b1, b2, b3, b4, b5 = evaluation
+    # val: per eval name b1..b5 in list order, the triplets touching it in file order; 3 and 9
+    # (both images in the list) come twice, the self-pair 4 once, 5 and 6 (an image in neither
+    # list) once; b5 is in no triplet.
+    test = load(root, protocol='val')
+    assert pairs(test) == triplet_pairs(triplets, [3, 7, 9, 3, 5, 4, 6, 9])
+    assert len(test.get_test_queries()) == 8
+    gallery = sorted([b1, b2, b3, b4, b5, train[3], image_name(21), image_name(22)])
+    assert [img['captions'][0] for img in test.imgs] == gallery
+    assert [test.imgs[i]['captions'][0] for i in test.gallery_ids] == gallery
+    # unique: triplets with both images in the list, once each; gallery = the list.
+    test = load(root, protocol='unique')
+    assert pairs(test) == triplet_pairs(triplets, [3, 4, 9])
+    assert [img['captions'][0] for img in test.imgs] == [b1, b2, b3, b4, b5]
+    assert len(load(root, 'train', protocol='val').examples) == 9
+    assert pairs(load(root, 'train', protocol='val')) == triplet_pairs(triplets, [0, 2, 10, 0, 1, 1, 2, 10, 7])
+    assert pairs(load(root, 'train', protocol='unique')) == triplet_pairs(triplets, [0, 1, 2, 10])
+
+
+def test_queries_carry_reference_target_and_caption_and_images_come_from_their_files(small):
+    root, triplets = small
+    test = load(root, protocol='unique')
+    query = test.get_test_queries()[1]  # triplet 4, the self-pair
+    assert query['mod']['str'] == 'is the same shoe'
+    assert query['source_img_id'] == query['target_img_id']
+    assert query['source_caption'] == query['target_caption'] == triplets[4][0]
+    name = test.imgs[0]['captions'][0]
+    assert test.image_file(0) == os.path.join(str(root), 'womens_boots', '1', name)
+    assert tuple(test.get_img(0).shape) == (3, 224, 224)
+
+
+def test_training_examples_and_vocabulary_follow_the_protocol(small):
+    root, triplets = small
+    train = load(root, 'train', protocol='val')
+    assert train.num_training_examples() == 9
+    example = train[4]  # triplet 1
+    assert example['mod']['str'] == 'has a higher heel'
+    assert (example['source_caption'], example['target_caption']) == triplets[1][:2]
+    assert train.imgs[example['source_img_id']]['captions'][0] == triplets[1][0]
+    assert train.imgs[example['target_img_id']]['captions'][0] == triplets[1][1]
+    assert tuple(example['source_img_data'].shape) == (3, 224, 224)
+    assert train[9]['mod']['str'] == 'is darker'  # wraps around
+    captions = [triplets[i][2] for i in (0, 2, 10, 0, 1, 1, 2, 10, 7)]
+    assert train.get_all_texts() == captions
+    assert load(root, 'test', protocol='val').get_all_texts() == captions
+    assert load(root, 'test', protocol='unique').get_all_texts() == [triplets[i][2] for i in (0, 1, 2, 10)]
+    assert train.get_test_queries() == []
+
+
+def test_the_eval_list_found_is_printed_with_its_count(small, capsys):
+    load(small[0])
+    assert 'eval_im_names.txt: 5 names' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall against a per-query implementation
+
+def per_query_protocol(train_or_eval_names, triplets, protocol):
+    """(queries, gallery) written plainly from SPEC 2.6."""
+    names = train_or_eval_names
+    if protocol == 'val':
+        queries = []
+        for name in names:
+            for t in triplets:
+                if name == t[0] or name == t[1]:
+                    queries.append(t)
+        gallery = sorted(set(names) | {n for t in queries for n in t[:2]})
+    else:
+        queries = [t for t in triplets if t[0] in names and t[1] in names]
+        gallery = list(names)
+    return queries, gallery
+
+
+def per_query_recalls(model, queries, gallery, ks=(1, 10, 50)):
+    hits = {k: 0 for k in ks}
+    for reference, target, caption in queries:
+        ranking = [n for n in per_query_ranking(model, reference, caption, gallery) if n != reference]
+        for k in ks:
+            hits[k] += target in ranking[:k]
+    recalls = [hits[k] / len(queries) for k in ks]
+    return recalls + [sum(recalls) / len(recalls)]
+
+
+@pytest.mark.parametrize('protocol', shoes.PROTOCOLS)
+def test_recalls_equal_the_per_query_implementation(small, protocol):
+    root, triplets = small
+    _, evaluation, _ = small_lists()
+    b1, b2, b3, b4, _ = evaluation
+    test = load(root, protocol=protocol)
+    # The self-pair's reference (its target) scores highest: removed, so never a hit.  Triplet 9
+    # (twice under val) finds its target first; triplet 3 finds it only at rank 2.
+    scores = {(b3, 'is the same shoe'): {b3: 1.0},
+              (b4, 'has a strap'): {b4: 1.0, b1: 0.9},
+              (b1, 'is red'): {b1: 1.0, b4: 0.8, b2: 0.7}}
+    model = NameModel(use_id_images(test), [img['captions'][0] for img in test.imgs], scores)
+    got = dict(shoes.evaluate(model, test, batch_size=3))
+    assert list(got) == ['recall_top1', 'recall_top10', 'recall_top50', 'recall_mean']
+    queries, gallery = per_query_protocol(evaluation, triplets, protocol)
+    expected = per_query_recalls(model, queries, gallery)
+    assert list(got.values()) == pytest.approx(expected)
+    if protocol == 'unique':  # 3, 4, 9: a hit at 1 for 9 only; 3 within 10; never the self-pair
+        assert list(got.values()) == pytest.approx([1 / 3, 2 / 3, 2 / 3, 5 / 9])
+
+
+def test_a_gallery_of_one_image_finds_nothing(tmp_path):
+    name = image_name(1)
+    write_shoes(str(tmp_path), [image_name(2)], [name], [(name, name, 'same'), (image_name(2), image_name(2), 'x')])
+    test = load(tmp_path, protocol='unique')
+    model = NameModel(use_id_images(test), [name])
+    assert dict(shoes.evaluate(model, test, batch_size=2)) == {
+        'recall_top1': 0.0, 'recall_top10': 0.0, 'recall_top50': 0.0, 'recall_mean': 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing images
+
+def test_a_missing_image_is_one_line_with_the_count_first_names_and_the_flag(tmp_path):
+    train, evaluation, triplets = small_lists()
+    missing = [evaluation[0], evaluation[1], evaluation[3], image_name(21)]
+    write_shoes(str(tmp_path), train, evaluation, triplets, missing=missing)
+    with pytest.raises(datasets.DatasetError) as e:
+        load(tmp_path, protocol='val')
+    message = str(e.value)
+    assert '\n' not in message
+    assert '4 of the 8 images the Shoes test split needs are missing' in message
+    assert '--skip_missing_images' in message
+    assert message.count('img_womens_') == 3 and ', ...' in message
+
+
+def test_skip_missing_images_drops_queries_and_gallery_entries_and_counts_them(tmp_path, capsys):
+    train, evaluation, triplets = small_lists()
+    b1, b2, b3, b4, b5 = evaluation
+    write_shoes(str(tmp_path), train, evaluation, triplets, missing=[image_name(21), train[0]])
+    test = load(tmp_path, protocol='val', skip_missing_images=True)
+    # n1 (image 21) is missing: triplet 5 goes; n2 stays (triplet 6 brings it).
+    assert pairs(test) == triplet_pairs(triplets, [3, 7, 9, 3, 4, 6, 9])
+    assert [img['captions'][0] for img in test.imgs] == sorted([b1, b2, b3, b4, b5, train[3], image_name(22)])
+    assert test.skipped == {'missing_images': 1, 'dropped_queries': 1, 'dropped_gallery': 1}
+    assert '--skip_missing_images: Shoes test: missing images 1, dropped queries 1, dropped gallery 1' \
+        in capsys.readouterr().out
+    trainset = load(tmp_path, 'train', protocol='val', skip_missing_images=True)
+    assert pairs(trainset) == triplet_pairs(triplets, [1, 1, 7])  # a1 is in 0, 2, 10
+    assert trainset.skipped == {'missing_images': 1, 'dropped_triplets': 6}
+    assert len(trainset.get_all_texts()) == 9  # the vocabulary does not depend on the download
+
+
+def test_only_regular_files_are_images(tmp_path):
+    train, evaluation, triplets = small_lists()
+    paths = write_shoes(str(tmp_path), train, evaluation, triplets, missing=[evaluation[3]])
+    folder = os.path.dirname(paths[evaluation[2]])
+    os.mkfifo(os.path.join(folder, evaluation[3]))
+    os.mkdir(os.path.join(os.path.dirname(paths[evaluation[0]]), evaluation[3]))  # a folder
+    with pytest.raises(datasets.DatasetError, match=r'1 of the 8 images .* missing \(img_womens_boots_14.jpg\)'):
+        load(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad annotations: one line naming the file and what was expected
+
+def rewrite(root, file_name, content):
+    with open(os.path.join(str(root), file_name), 'w') as f:
+        f.write(content)
+
+
+@pytest.mark.parametrize('file_name', ['relative_captions_shoes.json', 'train_im_names.txt',
+                                       'eval_im_names.txt'])
+def test_a_missing_annotation_file_is_one_line(small, file_name):
+    os.remove(os.path.join(str(small[0]), file_name))
+    with pytest.raises(datasets.DatasetError) as e:
+        load(small[0], 'train' if file_name == 'train_im_names.txt' else 'test')
+    assert str(e.value).startswith(os.path.join(str(small[0]), file_name) + ': ')
+    assert 'not found' in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('content, expected', [
+    ('[{"ImageName": "a.jpg", ', r'relative_captions_shoes.json: malformed JSON'),
+    ('{"ImageName": "a.jpg"}', r'relative_captions_shoes.json: expected a list, got an object'),
+    ('[{"ImageName": "a.jpg", "ReferenceImageName": "b.jpg"}]',
+     r'relative_captions_shoes.json entry 0: missing field "RelativeCaption"'),
+    ('[{"ReferenceImageName": "b.jpg", "RelativeCaption": "x"}]',
+     r'relative_captions_shoes.json entry 0: missing field "ImageName"'),
+    ('[{"ImageName": "a.jpg", "ReferenceImageName": 3, "RelativeCaption": "x"}]',
+     r'relative_captions_shoes.json entry 0 field "ReferenceImageName": expected a string'),
+])
+def test_bad_captions_file_is_one_line_naming_file_and_entry(small, content, expected):
+    rewrite(small[0], 'relative_captions_shoes.json', content)
+    with pytest.raises(datasets.DatasetError, match=expected) as e:
+        load(small[0])
+    assert '\n' not in str(e.value)
+
+
+def test_a_listed_name_no_triplet_or_image_has_is_one_line(small):
+    _, evaluation, _ = small_lists()
+    rewrite(small[0], 'eval_im_names.txt', '\n'.join(evaluation + ['img_womens_clogs_999.jpg']) + '\n')
+    with pytest.raises(datasets.DatasetError,
+                       match=r'eval_im_names.txt line 6: "img_womens_clogs_999.jpg" is in no triplet'):
+        load(small[0])
+
+
+def test_a_name_found_twice_names_both_paths(small):
+    root = str(small[0])
+    name = image_name(1)
+    first = os.path.join(root, image_folder('flat', name), name)
+    second = os.path.join(root, 'attributedata', 'womens_pumps', '0', name)
+    os.makedirs(os.path.dirname(second))
+    with open(first, 'rb') as src, open(second, 'wb') as dst:
+        dst.write(src.read())
+    with pytest.raises(datasets.DatasetError) as e:
+        load(root)
+    assert f'{name} found twice' in str(e.value)
+    assert first in str(e.value) and second in str(e.value)
+
+
+def test_images_outside_womens_folders_do_not_count(small):
+    root = str(small[0])
+    name = image_name(11)
+    os.rename(os.path.join(root, image_folder('flat', name), name), os.path.join(root, name))
+    with pytest.raises(datasets.DatasetError, match=r'1 of the 8 images'):
+        load(root)
+
+
+@pytest.mark.parametrize('options, expected', [
+    ({'protocol': 'split'}, r"Shoes: unknown protocol 'split' \(expected val or unique\)"),
+    ({'split': 'val'}, r"Shoes: unknown split 'val'"),
+])
+def test_unknown_protocol_or_split_is_one_line(small, options, expected):
+    split = options.pop('split', 'test')
+    with pytest.raises(datasets.DatasetError, match=expected):
+        load(small[0], split, **options)
+
