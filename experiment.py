@@ -59,8 +59,15 @@ def ensure_default_dataset(opt):
     if os.path.isfile(os.path.join(opt.dataset_path, datasets.CSS_DATA_FILE)):
         return
     import make_css_dataset
-    print(f'No dataset in {opt.dataset_path}: generating synthetic CSS data there (make_css_dataset.py)')
-    make_css_dataset.generate_css_dataset(opt.dataset_path)
+    # A record without the data file: the unfinished work of an earlier version of the generator
+    # (this one moves a complete dataset into place); --overwrite replaces only its own files.
+    unfinished = os.path.isfile(os.path.join(opt.dataset_path, make_css_dataset.MANIFEST))
+    if unfinished:
+        print(f'{opt.dataset_path}: holds an unfinished synthetic CSS dataset (no data file): '
+              f'generating it again (make_css_dataset.py, replacing only the files it wrote)')
+    else:
+        print(f'No dataset in {opt.dataset_path}: generating synthetic CSS data there (make_css_dataset.py)')
+    make_css_dataset.generate_css_dataset(opt.dataset_path, overwrite=unfinished)
 
 
 DATASET_CLASSES = {

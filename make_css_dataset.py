@@ -21,17 +21,28 @@ With --pngs the images are also rendered (64x64, 2D, as the reference did) to
 OUT/images/css_<split>_<index:06d>.png.
 
 OUT must be new or empty: the real CSS3D renders use these very file names.  OUT/.make_css_dataset.json
-records what was written, and --overwrite replaces exactly those files, never others.
+records the sha256 of every file written, and --overwrite replaces exactly those files, unchanged,
+never others.  The files are written into a staging folder beside OUT and moved into place when
+complete, so a killed run leaves no half dataset in OUT (the next run removes its staging folder).
 
 Usage: python make_css_dataset.py OUT [--base_scenes N] [--seed S] [--pngs] [--overwrite]
 """
 import argparse
+import hashlib
+import io
 import json
 import os
 import random
+import re
+import secrets
 import string
 import sys
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: interrupted runs are not cleaned up
+    fcntl = None
 
 import numpy as np
 
@@ -388,23 +399,37 @@ def png_name(split, idx):
 
 
 def write_pngs(out_dir, split, split_data):
+    """Write the split's PNGs; {relative name: sha256} of what was written."""
     import PIL.Image
     os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
-    cache = {}
+    cache, written = {}, {}
     for idx, (objects, label) in enumerate(zip(split_data['objects_img'], split_data['labels'])):
-        img = cache.get(label)
-        if img is None:
+        if label not in cache:  # images of one label are identical: encoded once
             img = (draw_css_2d_image(objects) * 255).round().astype(np.uint8)
-            cache[label] = img
-        PIL.Image.fromarray(img).save(os.path.join(out_dir, png_name(split, idx)))
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(img).save(buffer, format='PNG')
+            png = buffer.getvalue()
+            cache[label] = (png, hashlib.sha256(png).hexdigest())
+        png, digest = cache[label]
+        name = png_name(split, idx)
+        with open(os.path.join(out_dir, name), 'wb') as f:
+            f.write(png)
+        written[name] = digest
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
 # The output folder.  Real CSS3D renders use the very names written here, so a folder that is not
-# empty is refused, and --overwrite deletes only what the record (MANIFEST) says this script wrote.
+# empty is refused, and --overwrite deletes only files the record (MANIFEST) says this script
+# wrote, with the checksum they still have.  The files are written into a staging folder beside
+# OUT first (a killed run leaves no half dataset in OUT), then moved into place.
 
 MANIFEST = '.make_css_dataset.json'
 NAMES_PREVIEW = 3
+STAGING_SUFFIX = '.partial'
+OUR_NAME = re.compile(r'(%s(\.tmp)?|images/css_(%s)_\d{6}\.png)\Z' % (re.escape(CSS_DATA_FILE),
+                                                                      '|'.join(SPLITS)))
+ANY_CONTENT = True  # the identity of a file whose every content is ours (an unfinished .tmp)
 
 
 class OutputFolderError(FileExistsError):
@@ -417,29 +442,57 @@ def _preview(names):
     return f'{len(names)} {noun}: {", ".join(names[:NAMES_PREVIEW])}{more}'
 
 
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def recorded_files(out_dir):
-    """{relative name: size or None} of the files an earlier run recorded having written; a
-    recorded size is that of a file that must be unchanged to be replaced (a copy keeps it)."""
+    """{relative name: identity} of the files an earlier run recorded having written: the sha256
+    of what it wrote, or (a record of an earlier version) the data file's size, ANY_CONTENT for
+    its temporary file, and None for the PNGs it lists without either (never replaced)."""
     manifest = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(manifest):
         return {}
     try:
         with open(manifest, encoding='utf-8') as f:
             record = json.load(f)
-        files = {CSS_DATA_FILE: record.get('data_file'), CSS_DATA_FILE + '.tmp': None}
-        for split, count in record.get('pngs', {}).items():
-            if split in SPLITS:
-                files.update((png_name(split, i), None) for i in range(int(count)))
-    except (OSError, ValueError, TypeError, AttributeError) as e:
+        if 'files' in record:
+            files = {name: str(digest) for name, digest in record['files'].items()}
+        else:
+            files = {CSS_DATA_FILE: record.get('data_file'), CSS_DATA_FILE + '.tmp': ANY_CONTENT}
+            for split, count in record.get('pngs', {}).items():
+                if split in SPLITS:
+                    files.update((png_name(split, i), None) for i in range(int(count)))
+        if not all(isinstance(name, str) and OUR_NAME.match(name.replace(os.sep, '/'))
+                   for name in files):
+            raise ValueError('a name outside the dataset layout')
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise OutputFolderError(f'{manifest}: unreadable record of the files make_css_dataset.py '
                                 f'wrote ({type(e).__name__}); not overwriting anything') from None
     return files
 
 
+def unchanged(path, identity):
+    """Whether the regular file at `path` is still what the record says was written there."""
+    if not os.path.isfile(path):
+        return False
+    if identity is ANY_CONTENT:
+        return True
+    if isinstance(identity, str):
+        return file_digest(path) == identity
+    if isinstance(identity, int) and not isinstance(identity, bool):
+        return os.path.getsize(path) == identity
+    return False
+
+
 def named_like_ours(out_dir):
-    """The files in out_dir that a dataset of this layout has (ours or real CSS3D ones)."""
+    """The entries in out_dir that a dataset of this layout has (ours or real CSS3D ones)."""
     names = [n for n in (CSS_DATA_FILE, CSS_DATA_FILE + '.tmp')
-             if os.path.isfile(os.path.join(out_dir, n))]
+             if os.path.lexists(os.path.join(out_dir, n))]
     images = os.path.join(out_dir, 'images')
     if os.path.isdir(images):
         names += sorted(os.path.join('images', n) for n in os.listdir(images)
@@ -449,7 +502,8 @@ def named_like_ours(out_dir):
 
 def files_to_replace(out_dir, overwrite):
     """The files of an earlier run of this script to delete before writing; OutputFolderError
-    when out_dir is not empty without `overwrite`, or holds such files that it did not write."""
+    when out_dir is not empty without `overwrite`, or holds such files that it did not write or
+    that changed since (then nothing is deleted)."""
     if not os.path.exists(out_dir):
         return []
     if not os.path.isdir(out_dir):
@@ -462,18 +516,14 @@ def files_to_replace(out_dir, overwrite):
             f'{out_dir}: not empty ({_preview(entries)}); make_css_dataset.py writes into a new '
             f'or empty folder, or with --overwrite over a dataset it wrote there before')
     recorded = recorded_files(out_dir)
-    foreign = []
-    for name in named_like_ours(out_dir):
-        if name not in recorded:
-            foreign.append(name)
-        elif recorded[name] is not None and os.path.getsize(os.path.join(out_dir, name)) != recorded[name]:
-            foreign.append(name)  # replaced since this script wrote it
+    foreign = [name for name in named_like_ours(out_dir)
+               if name not in recorded or not unchanged(os.path.join(out_dir, name), recorded[name])]
     if foreign:
         raise OutputFolderError(
             f'{os.path.join(out_dir, foreign[0])}: not written by make_css_dataset.py (no record '
             f'in {MANIFEST}, or changed since){"" if len(foreign) == 1 else f", and {len(foreign) - 1} more"}; '
-            f'--overwrite replaces only files this script wrote: move them away or choose '
-            f'another folder')
+            f'nothing was deleted: --overwrite replaces only files this script wrote, unchanged: '
+            f'move them away or choose another folder')
     return [name for name in recorded if os.path.isfile(os.path.join(out_dir, name))]
 
 
@@ -485,14 +535,115 @@ def remove_files(out_dir, names):
         os.rmdir(images)  # an empty images/ folder would make the loader expect PNGs
 
 
-def write_manifest(out_dir, pngs, data_file_size=None):
-    """Written before the files (a killed run leaves a record of what it may have written) and
-    again after, with the data file's size."""
-    path = os.path.join(out_dir, MANIFEST)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump({'written_by': 'make_css_dataset.py', 'data_file': data_file_size,
-                   'pngs': pngs}, f)
-    os.replace(path + '.tmp', path)
+def write_manifest(out_dir, files):
+    with open(os.path.join(out_dir, MANIFEST), 'w', encoding='utf-8') as f:
+        json.dump({'written_by': 'make_css_dataset.py', 'files': files}, f, separators=(',', ':'))
+
+
+def write_files(folder, data, pngs):
+    """The dataset's files and their record, in `folder`; {relative name: sha256}."""
+    path = os.path.join(folder, CSS_DATA_FILE)
+    with open(path, 'wb') as f:
+        np.save(f, np.array(data, dtype=object), allow_pickle=True)
+    files = {CSS_DATA_FILE: file_digest(path)}
+    if pngs:
+        for split in SPLITS:
+            files.update(write_pngs(folder, split, data[split]))
+    write_manifest(folder, files)
+    return files
+
+
+# A staging folder is locked (flock, released by the kernel when its process dies) for as long as
+# it is written: one that can be locked is what a killed run left.
+def _lock(folder):
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd):
+    if fd is not None:
+        os.close(fd)
+
+
+def staging_prefix(out_dir):
+    return '.%s.make_css_dataset-' % os.path.basename(os.path.abspath(out_dir))
+
+
+def make_staging_folder(out_dir):
+    """(path, lock) of a new folder beside out_dir, as the umask makes folders."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    while True:
+        path = os.path.join(parent, '%s%d-%s%s' % (staging_prefix(out_dir), os.getpid(),
+                                                   secrets.token_hex(4), STAGING_SUFFIX))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path, _lock(path)
+
+
+def remove_staging_folder(path):
+    """Delete what this script writes in a staging folder; anything else is left, with it."""
+    for name in [MANIFEST] + named_like_ours(path):
+        try:
+            os.remove(os.path.join(path, name))
+        except OSError:
+            pass
+    for folder in (os.path.join(path, 'images'), path):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def remove_interrupted_runs(out_dir, log):
+    """Delete the staging folders of runs for out_dir that were killed while writing."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if fcntl is None or not os.path.isdir(parent):
+        return
+    prefix = staging_prefix(out_dir)
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not (name.startswith(prefix) and name.endswith(STAGING_SUFFIX) and os.path.isdir(path)
+                and not os.path.islink(path)):
+            continue
+        lock = _lock(path)
+        if lock is None:
+            continue  # still being written
+        try:
+            remove_staging_folder(path)
+        finally:
+            _unlock(lock)
+        log(f'removed {path}: the unfinished files of an interrupted make_css_dataset.py run'
+            + (' (it holds other files: kept)' if os.path.exists(path) else ''))
+
+
+def move_into_place(staging, out_dir, files, overwrite, log):
+    """Rename the staging folder to out_dir when that is new or empty, else replace the files
+    of an earlier run in it one by one (the record first: any file present that matches it is
+    ours)."""
+    if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        try:
+            os.rename(staging, out_dir)
+            return
+        except OSError:
+            pass  # written to meanwhile: the same checks as for any folder that is not empty
+    old_files = files_to_replace(out_dir, overwrite)
+    remove_files(out_dir, old_files)
+    if old_files:
+        log(f'removed the {len(old_files)} files of the dataset make_css_dataset.py wrote earlier')
+    for name in [MANIFEST] + sorted(files):
+        os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    remove_staging_folder(staging)
 
 
 def generate_data(base_scenes, seed, n_mods):
@@ -529,23 +680,17 @@ def generate_css_dataset(out_dir, base_scenes=1000, seed=0, pngs=False, mods_per
     if n_mods < 0:
         raise ValueError(f'mods_per_split must be >= 0, got {mods_per_split}')
     files_to_replace(out_dir, overwrite)  # refused before the seconds of generating
+    remove_interrupted_runs(out_dir, log)
     data = generate_data(base_scenes, seed, n_mods)
-    old_files = files_to_replace(out_dir, overwrite)  # again: the folder may have changed since
-    remove_files(out_dir, old_files)
-    if old_files:
-        log(f'removed the {len(old_files)} files of the dataset make_css_dataset.py wrote earlier')
-
-    os.makedirs(out_dir, exist_ok=True)
-    png_counts = {split: len(data[split]['objects_img']) if pngs else 0 for split in SPLITS}
-    write_manifest(out_dir, png_counts)
+    staging, lock = make_staging_folder(out_dir)
+    try:
+        files = write_files(staging, data, pngs)
+        move_into_place(staging, out_dir, files, overwrite, log)
+    finally:
+        _unlock(lock)
+        if os.path.isdir(staging):
+            remove_staging_folder(staging)
     path = os.path.join(out_dir, CSS_DATA_FILE)
-    with open(path + '.tmp', 'wb') as f:
-        np.save(f, np.array(data, dtype=object), allow_pickle=True)
-    os.replace(path + '.tmp', path)
-    if pngs:
-        for split in SPLITS:
-            write_pngs(out_dir, split, data[split])
-    write_manifest(out_dir, png_counts, os.path.getsize(path))
     for split in SPLITS:
         d = data[split]
         n_queries = sum(len(m['from']) for m in d['mods'])

@@ -395,3 +395,125 @@ def test_main_does_not_generate_into_a_default_folder_holding_other_files(tmp_pa
     assert err.startswith(f'main.py: error: {folder}: not empty (1 entry: notes.txt); ')
     assert len(err.strip().splitlines()) == 1
     assert os.listdir(os.path.join('data', 'css_synth')) == ['notes.txt']
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18, items 2 and 3: a PNG replaced since is kept; a killed run leaves no half dataset.
+
+def test_overwrite_keeps_a_png_replaced_in_place_with_the_same_size_and_time(tmp_path):
+    root = str(tmp_path / 'synth')
+    mcd.generate_css_dataset(root, base_scenes=4, seed=0, pngs=True, mods_per_split=4, verbose=False)
+    mine = os.path.join(root, 'images', 'css_train_000003.png')
+    stat = os.stat(mine)
+    with open(mine, 'r+b') as f:  # edited in place: same size, and the same mtime put back
+        data = f.read()
+        f.seek(0)
+        f.write(bytes(255 - b for b in data[:64]) + data[64:])
+    os.utime(mine, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    before = folder_contents(root)
+    with pytest.raises(mcd.OutputFolderError) as info:
+        mcd.generate_css_dataset(root, base_scenes=4, seed=1, mods_per_split=4, verbose=False,
+                                 overwrite=True)
+    message = str(info.value)
+    assert message.startswith(f'{mine}: not written by make_css_dataset.py (no record in '
+                              f'.make_css_dataset.json, or changed since); nothing was deleted')
+    assert '\n' not in message
+    assert folder_contents(root) == before
+    # Put back as written, it is replaced with the rest.
+    with open(mine, 'wb') as f:
+        f.write(data)
+    mcd.generate_css_dataset(root, base_scenes=4, seed=1, mods_per_split=4, verbose=False,
+                             overwrite=True)
+    assert sorted(os.listdir(root)) == ['.make_css_dataset.json', DATA_FILE]
+
+
+def test_a_record_naming_files_outside_the_dataset_is_not_followed(tmp_path):
+    root = tmp_path / 'synth'
+    mcd.generate_css_dataset(str(root), base_scenes=4, mods_per_split=4, verbose=False)
+    victim = tmp_path / 'victim.txt'
+    victim.write_text('mine')
+    import hashlib
+    digest = hashlib.sha256(b'mine').hexdigest()
+    (root / '.make_css_dataset.json').write_text('{"files": {"../victim.txt": "%s"}}' % digest)
+    with pytest.raises(mcd.OutputFolderError, match='unreadable record'):
+        mcd.generate_css_dataset(str(root), base_scenes=4, mods_per_split=4, verbose=False,
+                                 overwrite=True)
+    assert victim.read_text() == 'mine'
+
+
+KILLED_GENERATOR = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import make_css_dataset
+
+def save_then_hang(f, *args, **kwargs):  # killed halfway through writing the data file
+    f.write(b'\x93NUMPY half a file')
+    f.flush()
+    print('writing', flush=True)
+    time.sleep(120)
+
+np.save = save_then_hang
+make_css_dataset.generate_css_dataset(sys.argv[2], base_scenes=4, mods_per_split=4, verbose=False)
+'''
+
+
+def small_default_generator(monkeypatch):
+    import functools
+    monkeypatch.setattr(mcd, 'generate_css_dataset',
+                        functools.partial(mcd.generate_css_dataset, base_scenes=4, mods_per_split=4))
+
+
+def test_a_generator_killed_while_writing_leaves_nothing_that_stops_main(tmp_path, monkeypatch, capsys):
+    import signal
+    import experiment
+    from datasets import CSSDataset
+    monkeypatch.chdir(tmp_path)
+    target = os.path.join('data', 'css_synth')
+    child = subprocess.Popen([sys.executable, '-c', KILLED_GENERATOR, ROOT, target],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == 'writing\n'
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert not os.path.exists(target)  # the half-written file is in a staging folder beside it
+    [staging] = os.listdir('data')
+    assert staging.startswith('.css_synth.make_css_dataset-') and staging.endswith('.partial')
+
+    small_default_generator(monkeypatch)
+    opt = experiment_opt()
+    experiment.ensure_default_dataset(opt)
+    out = capsys.readouterr().out
+    assert 'interrupted make_css_dataset.py run' in out and staging in out
+    assert os.listdir('data') == ['css_synth']
+    assert sorted(os.listdir(target)) == ['.make_css_dataset.json', DATA_FILE]
+    assert len(CSSDataset(target, 'train').get_all_texts()) > 0
+
+
+def experiment_opt():
+    import argparse
+    import experiment
+    return argparse.Namespace(dataset='css3d', dataset_path=experiment.DEFAULT_DATASET_PATH)
+
+
+def test_the_unfinished_work_of_an_earlier_generator_is_replaced(tmp_path, monkeypatch, capsys):
+    """The previous version wrote into the folder itself: its record, then the data file's
+    temporary file; killed there, every main.py refused the folder."""
+    import experiment
+    from datasets import CSSDataset
+    monkeypatch.chdir(tmp_path)
+    target = os.path.join('data', 'css_synth')
+    os.makedirs(target)
+    with open(os.path.join(target, '.make_css_dataset.json'), 'w') as f:
+        f.write('{"written_by": "make_css_dataset.py", "data_file": null, '
+                '"pngs": {"train": 0, "test": 0}}')
+    with open(os.path.join(target, DATA_FILE + '.tmp'), 'wb') as f:
+        f.write(b'\x93NUMPY half a file')
+    small_default_generator(monkeypatch)
+    experiment.ensure_default_dataset(experiment_opt())
+    assert 'holds an unfinished synthetic CSS dataset' in capsys.readouterr().out
+    assert sorted(os.listdir(target)) == ['.make_css_dataset.json', DATA_FILE]
+    assert len(CSSDataset(target, 'train').get_all_texts()) > 0
