@@ -27,6 +27,7 @@ import checkpoints
 import datasets
 import distributed
 import img_text_composition_models
+import paper_composers
 import test_retrieval
 import text_model
 from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_flags,  # noqa: F401
@@ -804,6 +805,14 @@ def build_model(opt, init_ckpt, init_path, trainset, device):
     return model
 
 
+def check_model_fits_data(opt, testset):
+    """After --model is known (a checkpoint's own) and the data is read, before any run folder."""
+    try:
+        paper_composers.check_dataset(opt.model, opt.dataset, testset)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def wrap_for_training(opt, model, device):
     """The module whose forward (the loss) training calls: the model itself, or under torchrun
     its DistributedDataParallel wrapper, which averages the gradients over the processes."""
@@ -813,8 +822,8 @@ def wrap_for_training(opt, model, device):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None,
-        # The image-only model never reads its text encoder.
-        find_unused_parameters=opt.model == 'imgonly')
+        # The image-only model never reads its text encoder, nor does attribute_operator.
+        find_unused_parameters=opt.model == 'imgonly' or opt.model in paper_composers.UNUSED_PARAMETERS)
 
 
 def fit_batch_size(opt, trainset):
@@ -860,6 +869,7 @@ def run(opt):
     cap_loader_workers(opt)
     trainset, testset = load_data(opt)
     model = build_model(opt, init_ckpt, init_path, trainset, device)
+    check_model_fits_data(opt, testset)
     if not opt.test_only:
         fit_batch_size(opt, trainset)
     logger, run_dir = open_run(opt)

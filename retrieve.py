@@ -27,6 +27,7 @@ import fashioniq
 import img_text_composition_models
 import experiment
 import main
+import paper_composers
 import retrieval_grid
 import test_retrieval
 import text_model
@@ -385,6 +386,15 @@ def subset_ranking(feature, gallery, subset_ids):
     return sorted(zip(scores, subset_ids), key=lambda pair: -pair[0])
 
 
+def check_query_text(model, text):
+    """attribute_operator composes one adjective (MIT-States); a sentence is a user mistake."""
+    if isinstance(model, paper_composers.AttributeOperator):
+        try:
+            paper_composers.single_word(text)
+        except ValueError as e:
+            raise experiment.UserError(f'--query_text={text!r}: {e}') from None
+
+
 def warn_unknown_words(model, text):
     vocab = model.text_model.vocab
     unknown = [w for w in text_model.tokenize_text(text) if w not in vocab.word2id]
@@ -404,6 +414,7 @@ def retrieve(opt):
         query = query_from_index(dataset, opt.query_index)
     else:
         query = query_from_file(opt, dataset)
+    check_query_text(model, query['text'])
     warn_unknown_words(model, query['text'])
     gallery = gallery_features(opt, model, dataset)
     feature = query_feature(model, dataset, query).to(gallery.device)

@@ -42,8 +42,8 @@ def small_images(batch=3, height=64, width=64, seed=0):
     return torch.randn(batch, 3, height, width, generator=g)
 
 
-def test_model_registry_has_the_five_reference_models():
-    assert sorted(itcm.MODELS) == sorted(MODEL_NAMES)
+def test_model_registry_starts_with_the_five_reference_models():
+    assert list(itcm.MODELS)[:5] == MODEL_NAMES  # then the paper's other methods (SPEC 3.1)
 
 
 # --------------------------------------------------------------------------------------------
