@@ -44,6 +44,8 @@ TEST = [
     ('dress_test_detect_all.txt', 'women/dresses/c25/205/205_0.jpeg', 'long black dress'),
     ('dress_test_detect_all.txt', 'women/dresses/c26/206/206_0.jpeg', 'black long dress'),
     ('dress_test_detect_all.txt', 'women/dresses/c27/207/207_0.jpeg', 'crème dress?'),
+    # Listed twice, as real label files do: its queries map to this later line (index 7).
+    ('skirt_test_detect_all.txt', 'women/dresses/c23/203/203_0.jpeg', 'black dress'),
 ]
 QUERIES = [  # file order is not image order
     ('women/dresses/c23/203/203_0.jpeg', 'women/dresses/c24/204/204_0.jpeg'),
@@ -172,6 +174,16 @@ def test_test_queries_follow_the_spec(fashion_root):
         assert ds.imgs[q['target_img_id']]['captions'][0] == q['target_caption']
 
 
+def test_a_file_listed_twice_maps_its_queries_to_its_last_index(fashion_root):
+    ds = datasets.Fashion200k(fashion_root, 'test')
+    twice = 'women/dresses/c23/203/203_0.jpeg'
+    assert [i for i, img in enumerate(ds.imgs) if img['file_path'] == twice] == [0, 7]
+    queries = ds.get_test_queries()
+    # Queries 0 and 3 start from it, query 4 ends on it (QUERIES).
+    assert [queries[i]['source_img_id'] for i in (0, 3)] == [7, 7]
+    assert queries[4]['target_img_id'] == 7
+
+
 def test_modifiable_images_follow_the_spec_substring_quirk_included(fashion_root):
     ds = datasets.Fashion200k(fashion_root, 'train')
     modifiable = spec_modifiable_captions([c for _, c in spec_images(fashion_root, 'train')])
@@ -184,7 +196,7 @@ def test_modifiable_images_follow_the_spec_substring_quirk_included(fashion_root
     assert 'Fashion200k train: 14 images, 13 unique captions, 11 modifiable images, 0 test queries' \
         == ds.summary()
     assert datasets.Fashion200k(fashion_root, 'test').summary() == \
-        'Fashion200k test: 7 images, 7 unique captions, 5 test queries'
+        'Fashion200k test: 8 images, 7 unique captions, 5 test queries'
 
 
 # --- Training sampler ------------------------------------------------------------------------
