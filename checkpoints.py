@@ -61,18 +61,30 @@ def save_atomic(state, path):
     """Write to a temporary file in the same folder, then rename: a crash, a kill or a full disk
     during the save never leaves a truncated checkpoint behind.  A failed write is a
     CheckpointWriteError (an OSError); the file has the permissions the umask gives."""
+    def write(f):
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(state, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise  # not a failed write: a bug, to be seen whole
+            raise recorder.error from None
+    _write_atomic(path, 'wb', write)
+
+
+def write_text_atomic(text, path):
+    """save_atomic for a text file (UTF-8), such as the JSON files an evaluation server takes."""
+    _write_atomic(path, 'w', lambda f: f.write(text))
+
+
+def _write_atomic(path, mode, write):
     tmp = _temporary_name(path)
     try:
         remove_leftover_temporaries(path)
         # os.open applies the umask (mkstemp made checkpoints 0600, unlike every other file).
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), 'wb') as f:
-            recorder = _WriteRecorder(f)
-            try:
-                torch.save(state, recorder)
-            except RuntimeError:
-                if recorder.error is None:
-                    raise  # not a failed write: a bug, to be seen whole
-                raise recorder.error from None
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), mode,
+                       **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

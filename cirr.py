@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+import checkpoints
 import datasets
 import fashioniq
 import test_retrieval
@@ -23,6 +24,10 @@ SUBMISSION_TOP = 50
 SUBSET_SUBMISSION_TOP = 3
 RECALL_FILE = 'cirr_test1_recall.json'
 RECALL_SUBSET_FILE = 'cirr_test1_recall_subset.json'
+# Why a test1 submission cannot skip missing images.
+SKIPPED_TEST1 = ('--skip_missing_images with CIRR test1: the evaluation server expects every '
+                 'pairid, ranked against the whole gallery, so its files are written from a '
+                 'complete download only; leave the flag out (a missing image is then named)')
 LAYOUT = ('<root>/cirr/captions/cap.rc2.<split>.json and <root>/cirr/image_splits/split.rc2.'
           '<split>.json (or the same without cirr/), image paths relative to <root>')
 
@@ -255,7 +260,10 @@ def evaluate(model, dataset, batch_size, num_workers=0):
 
 def test1_submission(model, dataset, batch_size, num_workers=0):
     """(recall, recall_subset): the evaluation server's two dicts, every pairid with its 50 (at
-    most len(gallery) - 1) and 3 best names, best first."""
+    most len(gallery) - 1) and 3 best names, best first.  The server scores every pairid, so a
+    test1 split that dropped queries (--skip_missing_images) is refused, never written."""
+    if dataset.skipped.get('missing_images'):
+        raise datasets.DatasetError(f'{dataset.split_path}: {SKIPPED_TEST1}')
     top, subset_top = rank(model, dataset, batch_size, num_workers, SUBMISSION_TOP, SUBSET_SUBMISSION_TOP)
     names = [img['captions'][0] for img in dataset.imgs]
     recall = {'version': 'rc2', 'metric': 'recall'}
@@ -267,10 +275,11 @@ def test1_submission(model, dataset, batch_size, num_workers=0):
 
 
 def write_test1_files(run_dir, recall, recall_subset):
-    """The paths written: RECALL_FILE and RECALL_SUBSET_FILE in `run_dir`."""
+    """The paths written: RECALL_FILE and RECALL_SUBSET_FILE in `run_dir`, each through a
+    temporary file and a rename, so that a kill or a full disk never leaves a truncated file
+    that the evaluation server would take."""
     paths = []
     for file_name, content in ((RECALL_FILE, recall), (RECALL_SUBSET_FILE, recall_subset)):
         paths.append(os.path.join(run_dir, file_name))
-        with open(paths[-1], 'w') as f:
-            json.dump(content, f)
+        checkpoints.write_text_atomic(json.dumps(content), paths[-1])
     return paths

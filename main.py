@@ -775,6 +775,9 @@ def prepare_options(opt):
     if opt.test_split == 'test1' and (opt.dataset != 'cirr' or not opt.test_only):
         raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
                         'evaluation-server files)')
+    if opt.test_split == 'test1' and opt.skip_missing_images:
+        import cirr
+        raise UserError(cirr.SKIPPED_TEST1)
     if init_ckpt is None:
         check_img_weights(opt)
     return opt, resume_ckpt, init_ckpt, init_path

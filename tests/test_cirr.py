@@ -133,6 +133,83 @@ def test_test1_files_list_every_pairid_with_its_50_and_3_best_names_in_order(cir
     assert [len(recall_subset[str(e['pairid'])]) for e in layout['entries']] == [3, 3, 3, 3, 2, 3]
 
 
+def small_test1_layout():
+    """A test1 split of 20 images (a gallery of 50 or fewer): entry 0's reference is image 0;
+    entry 1 has image 0 in its img_set and the stand-in ranks it first (see small_test1_scores)."""
+    names = [f'test1-{i}-img0' for i in range(20)]
+    members = [[0, 1, 2, 3, 4, 5], [5, 0, 2, 9, 11, 13], [7, 8, 19, 3, 12, 6]]
+    references = [0, 5, 7]
+    entries = [{'pairid': 300 + i, 'reference': names[references[i]], 'caption': f'test1 caption {i}',
+                'img_set': {'id': i, 'members': [names[m] for m in members[i]]}}
+               for i in range(3)]
+    return {'test1': {'images': names, 'entries': entries}}
+
+
+def small_test1_scores(layout):
+    names, entries = layout['test1']['images'], layout['test1']['entries']
+    # Entry 1: its own reference scored highest (it must not be listed), then image 0.
+    return {(entries[1]['reference'], entries[1]['caption']): {
+        entries[1]['reference']: 2.0, names[0]: 1.0, names[2]: 0.9, names[19]: 0.8}}
+
+
+def test_test1_with_a_small_gallery_never_lists_the_reference_and_keeps_image_0(tmp_path):
+    layout = write_cirr(str(tmp_path), small_test1_layout())
+    names, entries = layout['test1']['images'], layout['test1']['entries']
+    dataset = load(tmp_path, 'test1')
+    model = stand_in(dataset, small_test1_scores(layout))
+    recall, recall_subset = cirr.test1_submission(model, dataset, batch_size=2)
+    for entry in entries:
+        ranking, subset = per_query_rankings(model, entry, names)
+        pairid = str(entry['pairid'])
+        assert recall[pairid] == ranking and len(ranking) == 19  # every other image, in order
+        assert entry['reference'] not in recall[pairid]
+        assert recall_subset[pairid] == subset[:3]
+    # Image 0 (id 0) is listed where it ranks: first for entry 1, in both files.
+    assert recall['301'][:2] == recall_subset['301'][:2] == [names[0], names[2]]
+    assert names[0] not in recall['300'] and names[0] not in recall_subset['300']
+
+
+def test_test1_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A full disk (here a file size limit) while the files are written: the previous files stay
+    as they were and no temporary file is left, instead of a truncated file the server would take."""
+    import resource
+    import signal
+    first = {'version': 'rc2', 'metric': 'recall', '1': ['a', 'b']}
+    paths = cirr.write_test1_files(str(tmp_path), first, dict(first, metric='recall_subset'))
+    before = [open(p).read() for p in paths]
+    big = dict(first, **{str(i): [f'name-{i}-{j}' for j in range(50)] for i in range(200)})
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+        with pytest.raises(OSError) as error:
+            cirr.write_test1_files(str(tmp_path), big, big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert paths[0] in str(error.value) and '\n' not in str(error.value)
+    assert [open(p).read() for p in paths] == before
+    assert sorted(os.listdir(str(tmp_path))) == sorted(os.path.basename(p) for p in paths)
+
+
+def test_test1_with_skipped_missing_images_is_refused(tmp_path, monkeypatch, capsys):
+    """The server expects every pairid: a submission that dropped queries is never written."""
+    import main
+    layout = small_test1_layout()
+    write_cirr(str(tmp_path / 'cirr'), layout, missing=[layout['test1']['images'][7]])
+    dataset = load(tmp_path / 'cirr', 'test1', skip_missing_images=True)
+    assert dataset.skipped['dropped_queries'] == 1
+    with pytest.raises(datasets.DatasetError, match='expects every pairid'):
+        cirr.test1_submission(stand_in(dataset), dataset, batch_size=2)
+    monkeypatch.chdir(tmp_path)
+    assert main.main(['--dataset=cirr', f'--dataset_path={tmp_path / "cirr"}', '--test_only',
+                      '--test_split=test1', '--skip_missing_images', '--img_weights=none']) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('main.py: error: --skip_missing_images with '
+                                                    'CIRR test1: the evaluation server expects every pairid')
+    assert not os.path.exists(tmp_path / 'runs')
+
+
 def test_test1_has_no_recall(cirr_root):
     dataset = load(cirr_root, 'test1')
     assert all(q['target_caption'] is None for q in dataset.get_test_queries())
