@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import warnings
 
 import numpy as np
@@ -45,6 +46,10 @@ def read_json(file_path, missing_message):
                                     f'column {e.colno})') from None
     except UnicodeDecodeError as e:
         raise datasets.DatasetError(f'{file_path}: not UTF-8 text (byte {e.start})') from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise datasets.DatasetError(f'{file_path}: JSON nested too deeply (more than '
+                                    f'{sys.getrecursionlimit()} levels or so); an annotation '
+                                    f'file is a few levels deep') from None
     except OSError as e:
         raise datasets.DatasetError(f'{file_path}: cannot read ({e.strerror or e})') from None
 
@@ -180,9 +185,12 @@ def check_triplets_listed(root, category, file_split, triplets, names):
 
 def list_image_files(images_dir):
     """{name: file name} of the images in `images_dir`, the first of IMAGE_EXTENSIONS that exists.
-    One directory listing instead of a stat per image and extension (tens of thousands)."""
+    One directory listing instead of a stat per image and extension (tens of thousands).  Only
+    regular files (or links to them) count: a folder or a FIFO named like an image is no image,
+    and a FIFO is never opened (that would wait for a writer)."""
     try:
-        entries = set(os.listdir(images_dir))
+        with os.scandir(images_dir) as listing:
+            entries = {entry.name for entry in listing if entry.is_file()}
     except FileNotFoundError:
         raise datasets.DatasetError(f'{images_dir}: FashionIQ images folder not found (expected '
                                     f'{LAYOUT})') from None

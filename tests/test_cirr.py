@@ -282,6 +282,18 @@ def test_missing_images_are_one_line_or_dropped_with_counts(tmp_path, capsys):
         pytest.approx(per_query_recalls(model, kept, gallery))
 
 
+def test_only_regular_files_are_images_a_fifo_is_never_opened(tmp_path):
+    layout = cirr_layout()
+    fifo, folder = layout['val']['images'][3], layout['val']['images'][4]
+    write_cirr(str(tmp_path), layout, missing=[fifo, folder])
+    os.mkfifo(os.path.join(str(tmp_path), 'dev', fifo + '.png'))
+    os.mkdir(os.path.join(str(tmp_path), 'dev', folder + '.png'))
+    with pytest.raises(datasets.DatasetError) as error:
+        load(tmp_path)
+    message = str(error.value)
+    assert '2 of the 56 images' in message and fifo in message and folder in message
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one line naming the file and the entry
 
@@ -306,8 +318,17 @@ def truncated_json(root, layout):
         f.write('[{"pairid": 1,\n "reference": }]')
 
 
+def deeply_nested_json(path):
+    def change(root, layout):
+        with open(path(root), 'w') as f:  # valid JSON, too deep for the parser's recursion
+            f.write('{"a": ' * 100000 + '1' + '}' * 100000)
+    return change
+
+
 @pytest.mark.parametrize('change, expected', [
     (truncated_json, [cap_file('{root}'), 'malformed JSON', 'line 2 column 15']),
+    (deeply_nested_json(cap_file), [cap_file('{root}') + ': JSON nested too deeply']),
+    (deeply_nested_json(split_file), [split_file('{root}') + ': JSON nested too deeply']),
     (lambda root, layout: os.remove(cap_file(root)),
      [cap_file('{root}'), 'CIRR captions file not found, nor',
       os.path.join('{root}', 'captions', 'cap.rc2.val.json')]),

@@ -168,6 +168,29 @@ def test_a_missing_image_is_one_line_naming_the_count_and_the_first_names(tmp_pa
     assert '--skip_missing_images' in message
 
 
+def test_only_regular_files_are_images_a_fifo_is_never_opened(tmp_path):
+    """A FIFO named like an image would hang the test when opened, a folder fail there: both are
+    missing images at the start check; a regular file of a later extension is taken instead."""
+    layout = fiq_layout({'dress': 14})
+    write_fiq(str(tmp_path), layout, missing=['dress_v5', 'dress_v6', 'dress_v7'])
+    images = tmp_path / 'images'
+    os.mkfifo(str(images / 'dress_v5.png'))
+    os.mkdir(str(images / 'dress_v6.png'))
+    os.mkfifo(str(images / 'dress_v7.png'))
+    write_image(str(images / 'dress_v7.jpg'), seed=7)
+    with pytest.raises(datasets.DatasetError) as error:
+        load(tmp_path, categories=['dress'])
+    message = str(error.value)
+    assert '2 of the 14 images' in message and 'dress_v5' in message and 'dress_v6' in message
+    os.remove(str(images / 'dress_v5.png'))
+    os.rmdir(str(images / 'dress_v6.png'))
+    for name in ('dress_v5', 'dress_v6'):
+        write_image(str(images / (name + '.png')), seed=5)
+    dataset = load(tmp_path, categories=['dress'])
+    assert dataset.image_file(dataset.name_to_id['dress_v7']).endswith('dress_v7.jpg')
+    dataset.get_img(dataset.name_to_id['dress_v7'], raw_img=True)  # read, not the FIFO
+
+
 def test_skip_missing_images_drops_triplets_and_gallery_entries_and_says_so(tmp_path, capsys):
     layout = fiq_layout({'dress': 14})
     write_fiq(str(tmp_path), layout, missing=['dress_v13', 'dress_v0'])
@@ -295,8 +318,17 @@ def one_caption(root, parts):
     write_json(cap_file(root), parts['val'])
 
 
+def deeply_nested_json(path):
+    def change(root, parts):
+        with open(path(root), 'w') as f:  # valid JSON, too deep for the parser's recursion
+            f.write('[' * 100000 + ']' * 100000)
+    return change
+
+
 @pytest.mark.parametrize('change, expected', [
     (truncated_json, [cap_file('{root}'), 'malformed JSON', 'line 1 column']),
+    (deeply_nested_json(cap_file), [cap_file('{root}') + ': JSON nested too deeply']),
+    (deeply_nested_json(split_file), [split_file('{root}') + ': JSON nested too deeply']),
     (lambda root, parts: os.remove(cap_file(root)),
      [cap_file('{root}'), 'FashionIQ captions file not found', 'image_splits/split.<category>.<split>.json']),
     (lambda root, parts: os.remove(split_file(root)),
