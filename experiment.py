@@ -135,7 +135,8 @@ def create_model(opt, texts, vocab=None):
     print('Creating model', opt.model)
     try:
         model = img_text_composition_models.MODELS[opt.model](
-            texts, opt.embed_dim, pretrained=weights, vocab=vocab)
+            texts, opt.embed_dim, pretrained=weights, vocab=vocab,
+            backbone=getattr(opt, 'img_backbone', None) or 'resnet18')
     except img_text_composition_models.WeightsUnavailableError as e:
         raise UserError(str(e)) from None
     return model
@@ -161,8 +162,11 @@ def adopt_checkpoint_dataset(opt, ckpt, path):
 
 
 def adopt_checkpoint_architecture(opt, ckpt):
-    """Take --model and --embed_dim from the checkpoint's options unless given on the command line."""
+    """Take --model, --embed_dim and --img_backbone from the checkpoint's options unless given on
+    the command line.  Checkpoints without --img_backbone (the released ones) are ResNet-18."""
     saved = ckpt.get('opt')
+    if 'img_backbone' not in opt.explicit_flags:
+        opt.img_backbone = getattr(saved, 'img_backbone', 'resnet18')
     for name in ('model', 'embed_dim'):
         if name not in opt.explicit_flags and hasattr(saved, name):
             setattr(opt, name, getattr(saved, name))
@@ -199,7 +203,23 @@ def model_name(model):
     return {cls: name for name, cls in img_text_composition_models.MODELS.items()}[type(model)]
 
 
+def check_backbone_of_weights(model, ckpt, path):
+    """A checkpoint whose image encoder is another backbone than the model's, named both ways."""
+    weights = img_text_composition_models.backbone_of_state_dict(ckpt['model_state_dict'], 'img_model.')
+    if weights is None or weights == model.backbone:
+        return
+    titles = {name: b.title for name, b in img_text_composition_models.BACKBONES.items()}
+    saved = getattr(ckpt.get('opt'), 'img_backbone', None)
+    why = (' as its options say' if saved == model.backbone else
+           ' (given here)' if saved is not None or model.backbone != 'resnet18' else
+           ' (its options name no backbone: ResNet-18, the reference\'s)')
+    raise UserError(f'{path}: its image encoder weights are {titles[weights]} '
+                    f'(--img_backbone={weights}), but the model is built with '
+                    f'--img_backbone={model.backbone}{why}')
+
+
 def load_model_weights(model, ckpt, path):
+    check_backbone_of_weights(model, ckpt, path)
     mismatch = checkpoints.describe_state_dict_mismatch(model, ckpt['model_state_dict'])
     if mismatch:
         saved = ckpt.get('opt')

@@ -4,6 +4,7 @@ Module names and nesting reproduce the reference exactly so that its released ch
 with `load_state_dict(strict=True)`.
 """
 import argparse
+import functools
 import os
 import pickle
 import warnings
@@ -34,30 +35,79 @@ class ConCatModule(torch.nn.Module):
         return torch.cat(x, dim=1)
 
 
-def load_resnet18(pretrained):
-    """ResNet-18 with ImageNet weights when `pretrained` is True (torchvision's cache under
-    TORCH_HOME, downloading if it can), a path to a ResNet-18 state dict, or no weights."""
+class Backbone:
+    """A torchvision ResNet the image encoder can be built on (SPEC 3.2)."""
+
+    def __init__(self, title, build, imagenet_weights, file_name, channels):
+        self.title = title                        # as messages name it: ResNet-18
+        self.build = build                        # torchvision constructor
+        self.imagenet_weights = imagenet_weights  # torchvision's IMAGENET1K_V1 entry
+        self.file_name = file_name                # that entry's file in torch's hub cache
+        self.channels = channels                  # layer4 channels: img_model.fc's input
+
+    @functools.cached_property
+    def shapes(self):
+        """{key: shape} of the network's state dict, fc included, from a weightless (meta) copy."""
+        with torch.device('meta'):
+            return {k: tuple(v.shape) for k, v in self.build(weights=None).state_dict().items()}
+
+
+BACKBONES = {
+    'resnet18': Backbone('ResNet-18', torchvision.models.resnet18,
+                         torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 'resnet18-f37072fd.pth', 512),
+    'resnet50': Backbone('ResNet-50', torchvision.models.resnet50,
+                         torchvision.models.ResNet50_Weights.IMAGENET1K_V1, 'resnet50-0676ba61.pth', 2048),
+}
+
+
+def backbone_of_state_dict(state_dict, prefix=''):
+    """The name of the backbone whose layers (fc aside) the keys under `prefix` hold with the same
+    shapes, or None."""
+    layers = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+              if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
+    for name, backbone in BACKBONES.items():
+        if layers == {k: v for k, v in backbone.shapes.items() if not k.startswith('fc.')}:
+            return name
+    return None
+
+
+def load_resnet(backbone, pretrained):
+    """The torchvision ResNet `backbone` ('resnet18' or 'resnet50') with ImageNet weights when
+    `pretrained` is True (torchvision's cache under TORCH_HOME, downloading if it can), the
+    weights of a state dict file when it is a path, or no weights."""
+    spec = BACKBONES[backbone]
     if pretrained is False or pretrained is None:
-        return torchvision.models.resnet18(weights=None)
+        return spec.build(weights=None)
     if isinstance(pretrained, (str, os.PathLike)):
-        return _resnet18_from_file(os.fspath(pretrained))
+        return _resnet_from_file(backbone, os.fspath(pretrained))
+    cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    cached = os.path.join(cache, spec.file_name)
+    if os.path.isfile(cached):
+        return _resnet_from_file(backbone, cached, flag='--img_weights=imagenet: ')
     try:
-        return torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+        # weights_only: a downloaded file is never unpickled with code in it.
+        spec.imagenet_weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as e:  # the download raises URLError, OSError, ... depending on the failure
-        cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
         raise WeightsUnavailableError(
-            f'ImageNet weights for ResNet-18 are not in {cache} and could not be downloaded '
-            f'({type(e).__name__}); put resnet18-f37072fd.pth there, pass '
-            f'--img_weights=PATH to a ResNet-18 state dict, or train from scratch with '
+            f'ImageNet weights for {spec.title} are not in {cache} and could not be downloaded '
+            f'({type(e).__name__}); put {spec.file_name} there, pass '
+            f'--img_weights=PATH to a {spec.title} state dict, or train from scratch with '
             f'--img_weights=none') from None
+    return _resnet_from_file(backbone, cached, flag='--img_weights=imagenet: ')
 
 
-def _resnet18_from_file(path):
-    """ResNet-18 with the weights of a state dict file; any other file is a one-line
+def load_resnet18(pretrained):
+    return load_resnet('resnet18', pretrained)
+
+
+def _resnet_from_file(backbone, path, flag='--img_weights='):
+    """The ResNet `backbone` with the weights of a state dict file; any other file is a one-line
     WeightsUnavailableError (main.py checks --img_weights before loading any data)."""
+    spec = BACKBONES[backbone]
+
     def fail(reason):
-        raise WeightsUnavailableError(f'--img_weights={path}: {reason}; expected a torchvision '
-                                      f'ResNet-18 state dict (such as resnet18-f37072fd.pth)')
+        raise WeightsUnavailableError(f'{flag}{path}: {reason}; expected a torchvision '
+                                      f'{spec.title} state dict (such as {spec.file_name})')
     state = _load_tensors(path, fail)
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']
@@ -67,10 +117,14 @@ def _resnet18_from_file(path):
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         fail('a dict whose values are not all tensors' if isinstance(state, dict)
              else f'it holds a {type(state).__name__} object, not a dict of named tensors')
-    model = torchvision.models.resnet18(weights=None)
+    other = backbone_of_state_dict(state)
+    if other not in (None, backbone):
+        fail(f'{BACKBONES[other].title} weights, but --img_backbone={backbone} needs '
+             f'{spec.title} ones (or give --img_backbone={other})')
+    model = spec.build(weights=None)
     mismatch = checkpoints.describe_state_dict_mismatch(model, state)
     if mismatch:
-        fail(f'not ResNet-18 weights ({mismatch})')
+        fail(f'not {spec.title} weights ({mismatch})')
     model.load_state_dict(state)
     return model
 
@@ -157,14 +211,20 @@ class ImgTextCompositionBase(torch.nn.Module):
 
 
 class ImgEncoderTextEncoderBase(ImgTextCompositionBase):
-    """ResNet-18 image encoder and LSTM text encoder."""
+    """ResNet image encoder (ResNet-18, the reference's, or ResNet-50: `backbone`) and LSTM text
+    encoder.  Composers that read the layer4 map take its channel count from `img_channels`
+    (= img_model.fc[0].in_features: 512 or 2048)."""
 
-    def __init__(self, texts, embed_dim, pretrained=True, vocab=None):
+    def __init__(self, texts, embed_dim, pretrained=True, vocab=None, backbone='resnet18'):
         super().__init__()
-        img_model = load_resnet18(pretrained)
+        if backbone not in BACKBONES:
+            raise ValueError(f'backbone={backbone!r}: expected one of {", ".join(BACKBONES)}')
+        img_model = load_resnet(backbone, pretrained)
         img_model.avgpool = GlobalAvgPool2d()
-        img_model.fc = torch.nn.Sequential(torch.nn.Linear(512, embed_dim))
+        img_model.fc = torch.nn.Sequential(torch.nn.Linear(BACKBONES[backbone].channels, embed_dim))
         self.img_model = img_model
+        self.backbone = backbone
+        self.img_channels = BACKBONES[backbone].channels
         self.text_model = text_model.TextLSTMModel(
             texts_to_build_vocab=texts, word_embed_dim=embed_dim, lstm_hidden_dim=embed_dim,
             vocab=vocab)
@@ -205,8 +265,8 @@ class Composer(torch.nn.Module):
 
 class Concat(ImgEncoderTextEncoderBase):
 
-    def __init__(self, texts, embed_dim, pretrained=True, vocab=None):
-        super().__init__(texts, embed_dim, pretrained, vocab)
+    def __init__(self, texts, embed_dim, pretrained=True, vocab=None, **kwargs):
+        super().__init__(texts, embed_dim, pretrained, vocab, **kwargs)
         self.composer = Composer(embed_dim)
 
     def compose_img_text(self, imgs, texts):
@@ -235,8 +295,8 @@ def res_info_composer(embed_dim):
 class TIRG(ImgEncoderTextEncoderBase):
     """Gated residual composition: sigmoid(gate) * image * a[0] + residual * a[1]."""
 
-    def __init__(self, texts, embed_dim, pretrained=True, vocab=None):
-        super().__init__(texts, embed_dim, pretrained, vocab)
+    def __init__(self, texts, embed_dim, pretrained=True, vocab=None, **kwargs):
+        super().__init__(texts, embed_dim, pretrained, vocab, **kwargs)
         self.a = torch.nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))
         self.gated_feature_composer = gated_feature_composer(embed_dim)
         self.res_info_composer = res_info_composer(embed_dim)
@@ -251,22 +311,22 @@ class TIRG(ImgEncoderTextEncoderBase):
         return torch.sigmoid(gate) * img_features * self.a[0] + residual * self.a[1]
 
 
-def _conv_composer(embed_dim):
+def _conv_composer(channels, embed_dim):
     return torch.nn.Sequential(
-        torch.nn.BatchNorm2d(512 + embed_dim),
-        torch.nn.Conv2d(512 + embed_dim, 512 + embed_dim, [3, 3], padding=1),
+        torch.nn.BatchNorm2d(channels + embed_dim),
+        torch.nn.Conv2d(channels + embed_dim, channels + embed_dim, [3, 3], padding=1),
         torch.nn.ReLU(),
-        torch.nn.Conv2d(512 + embed_dim, 512, [3, 3], padding=1))
+        torch.nn.Conv2d(channels + embed_dim, channels, [3, 3], padding=1))
 
 
 class TIRGLastConv(ImgEncoderTextEncoderBase):
-    """TIRG applied to ResNet-18's last convolutional map, before pooling."""
+    """TIRG applied to the ResNet's last convolutional map (C = 512 or 2048), before pooling."""
 
-    def __init__(self, texts, embed_dim, pretrained=True, vocab=None):
-        super().__init__(texts, embed_dim, pretrained, vocab)
+    def __init__(self, texts, embed_dim, pretrained=True, vocab=None, **kwargs):
+        super().__init__(texts, embed_dim, pretrained, vocab, **kwargs)
         self.a = torch.nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))
-        self.mod2d = _conv_composer(embed_dim)
-        self.mod2d_gate = _conv_composer(embed_dim)
+        self.mod2d = _conv_composer(self.img_channels, embed_dim)
+        self.mod2d_gate = _conv_composer(self.img_channels, embed_dim)
 
     def compose_img_text(self, imgs, texts):
         text_features = self.extract_text_feature(texts)

@@ -75,9 +75,14 @@ def get_args_parser():
                    help='auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps; under torchrun '
                         'each process takes cuda:LOCAL_RANK')
     p.add_argument('--seed', type=int, default=None, help='random seed (default: drawn at random and recorded)')
+    p.add_argument('--img_backbone', type=str, default='resnet18',
+                   choices=list(img_text_composition_models.BACKBONES),
+                   help="image encoder: resnet18 (the reference's) or resnet50 (most later papers'); "
+                        "--checkpoint, --test_only and --resume take the checkpoint's")
     p.add_argument('--img_weights', type=str, default='imagenet',
-                   help="ResNet-18 initialisation: 'imagenet' (torchvision's cache under TORCH_HOME), "
-                        "'none', or a path to a ResNet-18 state dict")
+                   help="image encoder initialisation: 'imagenet' (torchvision's IMAGENET1K_V1 "
+                        "file in its cache under TORCH_HOME), 'none', or a path to a state dict "
+                        "of the --img_backbone network")
     p.add_argument('--checkpoint', type=str, default=None,
                    help='load model weights from this checkpoint (ours or the released format) first')
     p.add_argument('--resume', type=str, default=None,
@@ -144,11 +149,12 @@ def check_opt(opt):
 def check_img_weights(opt):
     if opt.img_weights in ('imagenet', 'none'):
         return
+    title = img_text_composition_models.BACKBONES[opt.img_backbone].title
     if not os.path.isfile(opt.img_weights):
         raise UserError(f"--img_weights={opt.img_weights}: no such file (expected 'imagenet', "
-                        f"'none' or a path to a ResNet-18 state dict)")
+                        f"'none' or a path to a {title} state dict)")
     try:
-        img_text_composition_models.load_resnet18(opt.img_weights)
+        img_text_composition_models.load_resnet(opt.img_backbone, opt.img_weights)
     except img_text_composition_models.WeightsUnavailableError as e:
         raise UserError(str(e)) from None  # the message already names --img_weights=PATH
 

@@ -64,6 +64,9 @@ def get_args_parser():
                    choices=list(img_text_composition_models.MODELS),
                    help="composition model (default: the checkpoint's)")
     p.add_argument('--embed_dim', type=int, default=None, help="embedding size (default: the checkpoint's)")
+    p.add_argument('--img_backbone', type=str, default=None,
+                   choices=list(img_text_composition_models.BACKBONES),
+                   help="image encoder (default: the checkpoint's; resnet18 for the released ones)")
     query = p.add_argument_group('query: --query_img with --query_text, or --query_index')
     query.add_argument('--query_img', type=str, default=None, help='query image file')
     query.add_argument('--query_text', type=str, default=None, help='modification text')
