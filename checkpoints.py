@@ -3,9 +3,11 @@ continue exactly and to stand alone (SPEC section 7)."""
 import argparse
 import contextlib
 import os
+import pickle
 import random
 import re
 import secrets
+import warnings
 
 import numpy as np
 import torch
@@ -100,22 +102,66 @@ def _write_atomic(path, mode, write):
 def load(path):
     """Tensors, containers and the argparse Namespace only: never an unrestricted pickle."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # warnings: torch's about plain pickles would come before the one-line error.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f'{path}: no such file') from None
+    except pickle.UnpicklingError as e:
+        if is_unsafe_pickle_error(e):
+            raise CheckpointError(f'{path}: not loaded: {describe_unsafe_content(path, e)}') from None
+        raise CheckpointError(f'{path}: not a readable checkpoint ({first_line(e)})') from None
     except Exception as e:  # unpickling errors come in many types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path}: not a readable checkpoint ({first_line})') from None
+        raise CheckpointError(f'{path}: not a readable checkpoint ({first_line(e)})') from None
     if not isinstance(ckpt, dict) or 'model_state_dict' not in ckpt:
         raise CheckpointError(f'{path}: not a TIRG checkpoint (no model_state_dict)')
+    check_format_version(ckpt, path)
     state = ckpt['model_state_dict']
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f'{path}: model_state_dict is not a dict of named tensors')
-    if not isinstance(ckpt.get('it', 0), int):
+    if not isinstance(ckpt.get('it', 0), int) or isinstance(ckpt.get('it', 0), bool):
         raise CheckpointError(f'{path}: "it" is not an iteration number')
     return ckpt
+
+
+def check_format_version(ckpt, path):
+    """A checkpoint written by a newer version of this code may hold what this one misreads."""
+    version = ckpt.get('format_version', FORMAT_VERSION)  # released checkpoints carry none
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f'{path}: format_version {version!r} is not a version number')
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f'{path}: checkpoint format version {version}, newer than this code '
+                              f'reads (version {FORMAT_VERSION}); update the code to use it')
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_unsafe_pickle_error(error):
+    """torch's weights_only refusal of a file that holds more than tensors and containers."""
+    return 'Weights only load failed' in str(error)
+
+
+def describe_unsafe_content(path, error):
+    """What an unsafe file holds, said without torch's advice to load it with weights_only=False:
+    that advice is the one thing not to follow for a file one does not trust."""
+    names = re.findall(r'GLOBAL (\S+) was not an allowed global', str(error))
+    if not names:
+        with contextlib.suppress(Exception):  # plain pickles are not zip archives
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    if names:
+        shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+        what = f'Python objects besides tensors ({shown})'
+    else:
+        operand = re.search(r'Unsupported operand \d+', str(error))
+        what = 'pickle instructions the safe loader does not run' + (
+            f' ({operand.group(0)})' if operand else '')
+    return (f'it holds {what}, and unpickling them could run code (only tensors, numbers, strings '
+            f'and containers are read)')
 
 
 def check_resumable(ckpt, path):

@@ -146,8 +146,8 @@ def _load_tensors(path, fail):
     except OSError as e:
         fail(f'cannot read it ({e.strerror or e})')
     except pickle.UnpicklingError as e:
-        if 'Weights only load failed' in str(e):
-            fail('it holds Python objects besides tensors (not loaded: that could run code)')
+        if checkpoints.is_unsafe_pickle_error(e):
+            fail(f'not loaded: {checkpoints.describe_unsafe_content(path, e)}')
         fail(f'not a torch weights file ({_first_line(e)})')
     except (KeyError, EOFError):  # what text and truncated pickles raise, with no useful message
         fail('not a torch weights file, or a truncated one')

@@ -42,6 +42,9 @@ DEFAULT_TRACKED_METRIC = 'test recall_top1_correct_composition'
 # EpochBatchSampler seeds each epoch with seed * SEED_STRIDE + epoch, which must fit in 64 bits.
 SEED_STRIDE = 1000003
 MAX_SEED = 2 ** 32 - 1
+MAX_EMBED_DIM = 4096
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_FOLDER_NAME = 255  # bytes, on common file systems
 
 
 def get_args_parser():
@@ -127,10 +130,16 @@ def check_opt(opt):
     for name in ('batch_size', 'embed_dim', 'num_iters', 'learning_rate_decay_frequency'):
         if getattr(opt, name) < 1:
             raise UserError(f'--{name}={getattr(opt, name)}: expected a positive integer')
+    if opt.embed_dim > MAX_EMBED_DIM:
+        raise UserError(f'--embed_dim={opt.embed_dim}: expected at most {MAX_EMBED_DIM} (the paper '
+                        f'uses 512; the LSTM alone grows with its square)')
     for name in ('learning_rate', 'weight_decay'):
         value = getattr(opt, name)
-        if not np.isfinite(value) or value < 0:
-            raise UserError(f'--{name}={value}: expected a finite number, 0 or more')
+        # The model trains in float32: a larger value becomes inf in the optimizer.
+        if not np.isfinite(value) or value < 0 or value > FLOAT32_MAX:
+            raise UserError(f'--{name}={value}: expected a number from 0 to {FLOAT32_MAX:.4g} '
+                            f'(float32)')
+    check_comment(opt.comment)
     if opt.loader_num_workers < 0:
         raise UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
     if opt.seed is not None and not 0 <= opt.seed <= MAX_SEED:
@@ -144,6 +153,32 @@ def check_opt(opt):
     if opt.resume and opt.test_only:
         raise UserError('--resume continues training; evaluate a checkpoint with --test_only '
                         '--checkpoint=PATH')
+
+
+def check_comment(comment):
+    """The comment ends a folder name: one path component, within the file system's name limit."""
+    if os.sep in comment or (os.altsep and os.altsep in comment) or '\0' in comment:
+        raise UserError(f'--comment={comment}: it ends the run folder\'s name, so it cannot hold '
+                        f'{os.sep!r}; expected a plain name such as _tirg_css')
+    longest = len(run_folder_name('Dec31_23-59-59', 999, comment).encode())
+    if longest > MAX_FOLDER_NAME:
+        raise UserError(f'--comment={comment[:40]}...: the run folder\'s name would be {longest} '
+                        f'bytes; expected a comment that keeps it within {MAX_FOLDER_NAME}')
+
+
+def check_writable_folders(opt):
+    """Where the run will write, checked before any data is read: runs/ in the working folder,
+    or the folder of a run that continues in place."""
+    if opt.resume and resume_in_place(opt.resume):
+        folder = os.path.dirname(os.path.abspath(opt.resume))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f'--resume={opt.resume}: its run folder {folder} is not writable; '
+                            f'the run continues there, so it must be')
+        return
+    folder = 'runs' if os.path.exists('runs') else '.'
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f'{os.path.abspath(folder)} is not a writable folder: main.py writes its run '
+                        f'folder under runs/ in the working folder; start it from a writable one')
 
 
 def check_img_weights(opt):
@@ -396,13 +431,17 @@ class NullLogger:
         return lambda *args, **kwargs: None
 
 
+def run_folder_name(stamp, n, comment):
+    return f'{stamp}_{socket.gethostname()}{"" if n == 1 else f".{n}"}{comment}'
+
+
 def create_run_folder(comment):
     """tensorboardX's `runs/<date>_<time>_<host><comment>`, created atomically: when the name is
     taken (two runs started in the same second), `.2`, `.3`, ... follow the host name."""
     stamp = datetime.datetime.now().strftime('%b%d_%H-%M-%S')
     os.makedirs('runs', exist_ok=True)
     for n in range(1, 1000):
-        path = os.path.join('runs', f'{stamp}_{socket.gethostname()}{"" if n == 1 else f".{n}"}{comment}')
+        path = os.path.join('runs', run_folder_name(stamp, n, comment))
         try:
             os.mkdir(path)
             return path
@@ -784,6 +823,7 @@ def prepare_options(opt):
     if opt.test_split == 'test1' and opt.skip_missing_images:
         import cirr
         raise UserError(cirr.SKIPPED_TEST1)
+    check_writable_folders(opt)
     if init_ckpt is None:
         check_img_weights(opt)
     return opt, resume_ckpt, init_ckpt, init_path

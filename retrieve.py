@@ -106,8 +106,9 @@ def check_opt(opt):
     for name in ('batch_size', 'topk'):
         if getattr(opt, name) < 1:
             raise experiment.UserError(f'--{name}={getattr(opt, name)}: expected a positive integer')
-    if opt.embed_dim is not None and opt.embed_dim < 1:
-        raise experiment.UserError(f'--embed_dim={opt.embed_dim}: expected a positive integer')
+    if opt.embed_dim is not None and not 1 <= opt.embed_dim <= main.MAX_EMBED_DIM:
+        raise experiment.UserError(f'--embed_dim={opt.embed_dim}: expected a positive integer up '
+                                   f'to {main.MAX_EMBED_DIM}')
     if opt.loader_num_workers < 0:
         raise experiment.UserError(f'--loader_num_workers={opt.loader_num_workers}: expected 0 or more')
     if opt.query_index is not None:

@@ -116,7 +116,7 @@ WEIGHTS_CASES = {
     'TIRG checkpoint': 'a TIRG checkpoint (load it with --checkpoint)',
     'text': 'not a torch weights file',
     'empty': 'an empty file',
-    'a plain pickle': 'it holds Python objects besides tensors',
+    'a plain pickle': 'not loaded: it holds pickle instructions the safe loader does not run',
     'an int': 'it holds a int object',
     'strings for tensors': 'a dict whose values are not all tensors',
     'ResNet-34': 'not ResNet-18 weights (96 unexpected keys',
@@ -153,3 +153,72 @@ def test_main_reports_a_checkpoint_given_as_img_weights_in_one_line(tmp_path, ca
     assert 'a TIRG checkpoint (load it with --checkpoint)' in err
     assert err.count('--img_weights=') == 1, err  # the flag is named once, not twice
     assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of a newer format, and unsafe files said without torch's advice (issue 18, 6 and 7)
+
+def _small_checkpoint(**extra):
+    import img_text_composition_models
+    model = img_text_composition_models.TIRG(['make red'], 16, pretrained=False)
+    return {'it': 3, 'model_state_dict': model.state_dict(), **extra}
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_naming_both_versions(tmp_path, capsys, monkeypatch):
+    import main
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / 'future.pth')
+    torch.save(_small_checkpoint(format_version=checkpoints.FORMAT_VERSION + 1), path)
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load(path)
+    assert str(info.value) == (f'{path}: checkpoint format version 2, newer than this code reads '
+                               f'(version 1); update the code to use it')
+    for args in (['--test_only', f'--checkpoint={path}'], [f'--resume={path}']):
+        assert main.main(args + [f'--dataset_path={tmp_path}']) == 1
+        err = capsys.readouterr().err
+        assert err == f'main.py: error: {info.value}\n'
+    assert not os.path.exists('runs')
+    torch.save(_small_checkpoint(format_version='1'), path)
+    with pytest.raises(checkpoints.CheckpointError, match="format_version '1' is not a version"):
+        checkpoints.load(path)
+    torch.save(_small_checkpoint(format_version=1), path)  # this code's own, and none, load
+    assert checkpoints.load(path)['it'] == 3
+    torch.save(_small_checkpoint(), path)
+    assert checkpoints.load(path)['it'] == 3
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ('this ran',))
+
+
+@pytest.mark.parametrize('kind', ['global', 'plain pickle'])
+def test_an_unsafe_checkpoint_says_what_it_holds_without_the_advice_to_load_it(tmp_path, kind, capsys):
+    import pickle
+    import img_text_composition_models
+    import main
+    path = str(tmp_path / 'unsafe.pth')
+    if kind == 'global':
+        torch.save(_small_checkpoint(extra=_RunsCode()), path)
+        holds = 'it holds Python objects besides tensors (print)'
+    else:
+        with open(path, 'wb') as f:
+            pickle.dump(_small_checkpoint(extra=_RunsCode()), f, protocol=4)
+        holds = 'it holds pickle instructions the safe loader does not run (Unsupported operand 149)'
+    messages = []
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load(path)
+    messages.append(str(info.value))
+    with pytest.raises(img_text_composition_models.WeightsUnavailableError) as info:
+        img_text_composition_models.load_resnet18(path)
+    messages.append(str(info.value))
+    assert main.main(['--test_only', f'--checkpoint={path}', f'--dataset_path={tmp_path}']) == 1
+    messages.append(capsys.readouterr().err.strip())
+    assert messages[0] == (f'{path}: not loaded: {holds}, and unpickling them could run code '
+                           f'(only tensors, numbers, strings and containers are read)')
+    assert messages[1].startswith(f'--img_weights={path}: not loaded: {holds}, ')
+    assert messages[2] == f'main.py: error: {messages[0]}'
+    for message in messages:
+        assert '\n' not in message and 'weights_only' not in message
+        assert 'succeed' not in message and 'trust' not in message and '\x1b' not in message
+    assert 'this ran' not in capsys.readouterr().out

@@ -170,11 +170,39 @@ def test_num_iters_below_the_checkpoint_is_an_error(css_root, tmp_path):
     ('--seed=-1', '--seed=-1'),
     ('--device=meta', '--device=meta'),
     ('--batch_size=0', '--batch_size=0'),
+    # Issue 18, item 13: beyond float32, and an embedding no machine holds.
+    ('--learning_rate=1e39', '--learning_rate=1e+39: expected a number from 0 to 3.403e+38'),
+    ('--weight_decay=1e308', '--weight_decay=1e+308: expected a number from 0 to 3.403e+38'),
+    ('--embed_dim=200000', '--embed_dim=200000: expected at most 4096'),
+    # Item 18: the comment ends the folder's name.
+    ('--comment=a/b', "--comment=a/b: it ends the run folder's name, so it cannot hold '/'"),
+    ('--comment=_' + 'x' * 240, "the run folder's name would be"),
 ])
 def test_bad_flags_are_one_line_errors_and_leave_no_run_folder(css_root, tmp_path, flag, fragment):
     result = run_main(TINY + [f'--dataset_path={css_root}', '--num_iters=2', flag], cwd=tmp_path)
     one_line_error(result, fragment)
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_a_read_only_working_folder_is_named_before_any_data_is_read(css_root, tmp_path):
+    """Issue 18, item 18.  root ignores permissions: it runs without the capability to."""
+    work = tmp_path / 'readonly'
+    work.mkdir()
+    command = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
+        f'--dataset_path={css_root}', '--num_iters=2']
+    if os.geteuid() == 0:
+        if not shutil.which('setpriv'):
+            pytest.skip('running as root without setpriv to drop the permission override')
+        command = ['setpriv', '--bounding-set', '-dac_override,-dac_read_search'] + command
+    work.chmod(0o555)
+    try:
+        result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, OMP_NUM_THREADS='1'))
+    finally:
+        work.chmod(0o755)
+    one_line_error(result, f'{work} is not a writable folder', 'runs/')
+    assert 'Reading dataset' not in result.stdout
+    assert os.listdir(work) == []
 
 
 @pytest.mark.parametrize('content', [b'', b'just some text\n', 'checkpoint'])
