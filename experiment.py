@@ -76,21 +76,30 @@ DATASET_CLASSES = {
     'mitstates': ('datasets', 'MITStates'),
     'fashioniq': ('fashioniq', 'FashionIQ'),
     'cirr': ('cirr', 'CIRR'),
+    'shoes': ('shoes', 'Shoes'),
 }
 
 
-def add_photo_benchmark_flags(parser, category_default, category_help):
-    """--fiq_category, --fiq_protocol and --skip_missing_images, as main.py and retrieve.py
-    take them (the category's default and meaning differ: a run's, or a checkpoint's)."""
+def add_photo_benchmark_flags(parser, category_default, category_help, shoes_protocol_default='val',
+                              shoes_protocol_help='(default: %(default)s)'):
+    """--fiq_category, --fiq_protocol, --shoes_protocol and --skip_missing_images, as main.py and
+    retrieve.py take them (some defaults and meanings differ: a run's, or a checkpoint's)."""
     parser.add_argument('--fiq_category', type=str, default=category_default,
                         choices=['dress', 'shirt', 'toptee', 'all'], help=category_help)
     parser.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
                         help="FashionIQ test gallery: 'split' (every image of split.<category>."
                              "val.json) or 'val' (the images of the val triplets, as the VAL paper) "
                              "(default: %(default)s)")
+    parser.add_argument('--shoes_protocol', type=str, default=shoes_protocol_default,
+                        choices=['val', 'unique'],
+                        help="Shoes triplets and gallery: 'val' (every triplet touching each "
+                             "listed name, gallery = the eval list plus the queries' images, as the "
+                             "VAL paper) or 'unique' (triplets with both images listed, gallery = "
+                             "the eval list, as ARTEMIS) " + shoes_protocol_help)
     parser.add_argument('--skip_missing_images', action='store_true',
-                        help='FashionIQ and CIRR: drop triplets and gallery entries whose image is '
-                             'missing (counted and recorded) instead of stopping (default: %(default)s)')
+                        help='FashionIQ, CIRR and Shoes: drop triplets and gallery entries whose '
+                             'image is missing (counted and recorded) instead of stopping '
+                             '(default: %(default)s)')
 
 
 def dataset_options(opt):
@@ -111,6 +120,9 @@ def dataset_options(opt):
                        skip_missing_images=flag('skip_missing_images', False))
     elif opt.dataset == 'cirr':
         options['skip_missing_images'] = flag('skip_missing_images', False)
+    elif opt.dataset == 'shoes':
+        options.update(protocol=flag('shoes_protocol', 'val'),
+                       skip_missing_images=flag('skip_missing_images', False))
     return options
 
 
@@ -156,7 +168,7 @@ def adopt_checkpoint_dataset(opt, ckpt, path):
         raise UserError(f'{path}: its dataset folder {saved_path!r} is not here; give '
                         f'--dataset_path=DIR (and --dataset)')
     opt.dataset, opt.dataset_path = saved.dataset, os.path.abspath(saved_path)
-    for name in ('fiq_category', 'f200k_label_order'):
+    for name in ('fiq_category', 'f200k_label_order', 'shoes_protocol'):
         if name not in opt.explicit_flags and hasattr(saved, name):
             setattr(opt, name, getattr(saved, name))
 
