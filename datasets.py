@@ -5,10 +5,12 @@ Every dataset offers `imgs`, `get_all_texts()`, `get_test_queries()`, `get_img(i
 Sampling uses the global `random` and `numpy.random` generators, as the reference did; `main.py`
 seeds them from `--seed`, and `worker_init_fn` gives every DataLoader worker its own stream.
 """
+import itertools
 import os
 import pickle
 import random
 import re
+import reprlib
 import signal
 import sys
 
@@ -251,10 +253,42 @@ def load_css_data(path):
     return data
 
 
+class _BoundedRepr(reprlib.Repr):
+    """A repr for messages that quote data: a few levels and items of any structure.  A file of
+    shared references makes a list of a few hundred bytes whose full repr never ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = 4
+        self.maxset = self.maxfrozenset = self.maxdeque = 4
+        self.maxstring = self.maxlong = self.maxother = 40
+
+    def repr_ndarray(self, x, level):  # numpy's own repr prints every element of an object array
+        return f'array(shape={x.shape}, dtype={x.dtype})'
+
+
+_BOUNDED_REPR = _BoundedRepr()
+QUOTE_CHARS = 60
+
+
+def preview(value):
+    """The start of the repr of `value`, in bounded time and length whatever it holds."""
+    text = _BOUNDED_REPR.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + '...'
+
+
+def preview_keys(mapping, shown=8):
+    """The first keys of a dict (text keys sorted, then the others), for a message."""
+    keys = sorted(k for k in mapping if isinstance(k, str))
+    keys += [preview(k) for k in itertools.islice((k for k in mapping if not isinstance(k, str)),
+                                                  shown + 1)]
+    return ', '.join(keys[:shown]) + (', ...' if len(keys) > shown else '')
+
+
 def _kind(value):
     """What a value is, for an error message: its type and the start of its repr."""
-    text = repr(value)
-    return f'{type(value).__name__} {text[:40]}{"..." if len(text) > 40 else ""}'
+    return f'{type(value).__name__} {preview(value)}'
 
 
 def _is_sequence(value):
@@ -274,7 +308,7 @@ def check_css_split(data_file, split, split_data):
         fail(f'expected a dict with objects_img and mods, found {_kind(split_data)}')
     for key in ('objects_img', 'mods'):
         if key not in split_data:
-            fail(f'no "{key}" (it has {", ".join(sorted(map(str, split_data))) or "nothing"})')
+            fail(f'no "{key}" (it has {preview_keys(split_data) or "nothing"})')
     objects_img, mods = split_data['objects_img'], split_data['mods']
     if not _is_sequence(objects_img):
         fail(f'objects_img: expected a list (one list of objects per image), found {_kind(objects_img)}')
@@ -284,6 +318,9 @@ def check_css_split(data_file, split, split_data):
     labels = split_data.get('labels')
     if labels is not None and (not _is_sequence(labels) or len(labels) != len(objects_img)):
         fail(f'labels: expected one per image ({len(objects_img)}), found {_kind(labels)}')
+    for i, label in enumerate(labels if labels is not None else ()):
+        if not _is_index(label):  # an image's caption is str(label)
+            fail(f'labels[{i}]: expected an integer, found {_kind(label)}')
     if not _is_sequence(mods):
         fail(f'mods: expected a list, found {_kind(mods)}')
     for m, mod in enumerate(mods):
@@ -301,7 +338,7 @@ def _check_css_mod(fail, m, mod, num_images):
     for key in ('from', 'to'):
         for value in mod[key]:
             if not _is_index(value) or not 0 <= value < num_images:
-                fail(f'mods[{m}]["{key}"]: {value!r} is not an image index (0 to '
+                fail(f'mods[{m}]["{key}"]: {preview(value)} is not an image index (0 to '
                      f'{num_images - 1})')
 
 
@@ -313,7 +350,8 @@ def check_css_drawable(data_file, split, objects_img):
     for i, objects in enumerate(objects_img):
         for obj in objects:
             pos = obj.get('pos')
-            if (obj.get('shape') not in CSS_SHAPES or obj.get('color') not in CSS_COLORS
+            if (obj.get('shape') not in CSS_SHAPES or not isinstance(obj.get('color'), str)
+                    or obj.get('color') not in CSS_COLORS
                     or 'size' not in obj or not _is_sequence(pos) or len(pos) != 2
                     or not all(isinstance(v, (int, float, np.number)) and 0 <= v <= 1
                                for v in pos)):
@@ -338,7 +376,7 @@ class CSSDataset(BaseDataset):
         data_file = os.path.join(path, CSS_DATA_FILE)
         if split not in data:
             raise DatasetError(f'{data_file}: no "{split}" split (has '
-                               f'{", ".join(sorted(map(str, data))) or "none"})')
+                               f'{preview_keys(data) or "none"})')
         check_css_split(data_file, split, data[split])
         self.data = data
         self.mods = data[split]['mods']

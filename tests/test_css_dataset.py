@@ -4,6 +4,8 @@ import os
 import pickle
 import random
 import signal
+import subprocess
+import sys
 import contextlib
 
 import numpy as np
@@ -13,6 +15,8 @@ import torch
 
 import datasets
 from conftest import obj, write_css_fixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CSS_COLORS = {'gray': (87, 87, 87), 'red': (244, 35, 35), 'blue': (42, 75, 215),
               'green': (29, 205, 20), 'brown': (129, 74, 25), 'purple': (129, 38, 192),
@@ -695,3 +699,95 @@ def test_every_png_unreadable_stops_with_a_dataset_error(tmp_path):
             f.write(b'x')
     with pytest.raises(datasets.DatasetError, match='training examples in a row had an unreadable'):
         ds[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 18, item 12: a few hundred bytes of shared references make a structure whose repr (or
+# str, or hash) never ends; a rejected file is reported in one line, fast.
+
+SHARED_REFERENCES = r'''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import datasets
+
+def bomb():
+    """A list nested 40 deep whose two elements are the same list: 2**40 leaves, 500 bytes."""
+    x = []
+    for _ in range(40):
+        x = [x, x]
+    return x
+
+def fixture():
+    return {'objects_img': [[{'shape': 'circle', 'color': 'red', 'size': 'large',
+                              'pos': (0.5, 0.5)}]] * 2,
+            'mods': [{'from': [0], 'to': [1], 'to_str': 'make it so'}], 'labels': [0, 1]}
+
+PLACES = {
+    'the data': lambda s: bomb(),
+    'a split': lambda s: {'train': bomb(), 'test': s},
+    'objects_img': lambda s: {'train': dict(s, objects_img=bomb()), 'test': s},
+    'an image': lambda s: {'train': dict(s, objects_img=[bomb(), []]), 'test': s},
+    'a label': lambda s: {'train': dict(s, labels=[0, bomb()]), 'test': s},
+    'labels': lambda s: {'train': dict(s, labels=bomb()), 'test': s},
+    'a mod': lambda s: {'train': dict(s, mods=[bomb()]), 'test': s},
+    'an index': lambda s: {'train': dict(s, mods=[{'from': [bomb()], 'to': [1], 'to_str': 'x'}]), 'test': s},
+    'a text': lambda s: {'train': dict(s, mods=[{'from': [0], 'to': [1], 'to_str': bomb()}]), 'test': s},
+    'a colour': lambda s: {'train': dict(s, objects_img=[[{'shape': 'circle', 'color': bomb(),
+                                                           'size': 'large', 'pos': (0.5, 0.5)}], []]), 'test': s},
+    'a position': lambda s: {'train': dict(s, objects_img=[[{'shape': 'circle', 'color': 'red',
+                                                              'size': 'large', 'pos': bomb()[:2]}], []]), 'test': s},
+    'the split names': lambda s: {'test': s, 7: bomb()},
+}
+root = sys.argv[2]
+os.makedirs(root, exist_ok=True)
+path = os.path.join(root, datasets.CSS_DATA_FILE)
+for place, make in PLACES.items():
+    value = np.empty((), dtype=object)
+    value[()] = make(fixture())
+    np.save(path, value, allow_pickle=True)
+    try:
+        datasets.CSSDataset(root, 'train')
+        print(place, '| loaded', os.path.getsize(path), flush=True)
+    except datasets.DatasetError as e:
+        print(place, '|', os.path.getsize(path), '|', e, flush=True)
+'''
+
+
+def test_a_small_file_of_shared_references_is_one_line_fast(tmp_path):
+    root = str(tmp_path / 'shared')
+    result = subprocess.run([sys.executable, '-c', SHARED_REFERENCES, ROOT, root],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 12, result.stdout
+    data_file = os.path.join(root, datasets.CSS_DATA_FILE)
+    for line in lines:
+        place, size, message = line.split(' | ', 2)
+        assert int(size) < 1000
+        assert message.startswith(data_file + ': ') and len(message) < len(data_file) + 400, line
+    found = dict(line.split(' | ')[::2] for line in lines)
+    assert found['the data'].endswith(
+        'expected a dict of splits (train, test), found list [[[[...], [...]], [[...], [...]]], [[[...], [...]], [[......')
+    assert 'labels[1]: expected an integer, found list [[[[...], [...]]' in found['a label']
+    assert 'mods[0]["from"]: [[[[...], [...]], [[...], [...]]], [[[...], [...]], [[...... is not' in found['an index']
+    assert 'objects_img[0]: cannot draw dict' in found['a colour']
+    assert 'no "train" split (has test, 7)' in found['the split names']
+
+
+def test_a_file_of_shared_references_through_main_is_one_line(tmp_path):
+    from conftest import TINY, run_main
+    root = tmp_path / 'shared'
+    root.mkdir()
+    x = []
+    for _ in range(40):
+        x = [x, x]
+    value = np.empty((), dtype=object)
+    value[()] = {'train': {'objects_img': x, 'mods': []}, 'test': {'objects_img': x, 'mods': []}}
+    np.save(str(root / datasets.CSS_DATA_FILE), value, allow_pickle=True)
+    assert os.path.getsize(str(root / datasets.CSS_DATA_FILE)) < 1000
+    result = run_main(TINY + [f'--dataset_path={root}', '--num_iters=1'], cwd=str(tmp_path), timeout=60,
+                      subprocess=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith('main.py: error: ') and 'objects_img[0]: expected a list of objects' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 400
