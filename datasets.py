@@ -131,6 +131,10 @@ class BaseDataset(torch.utils.data.Dataset):
     def get_img(self, idx, raw_img=False):
         raise NotImplementedError
 
+    def get_query_img(self, idx, raw_img=False):
+        """Image `idx` as a query's source shows it: the gallery's image, except in CSS 2D->3D."""
+        return self.get_img(idx, raw_img)
+
     # Attributes of a stateful training sampler (ints and lists of ints), saved in checkpoints so
     # that a resumed run draws exactly the examples an uninterrupted one would.
     _sampler_state_attrs = ()
@@ -345,7 +349,8 @@ def _check_css_mod(fail, m, mod, num_images):
 CSS_SHAPES = ('rectangle', 'circle', 'triangle')
 
 
-def check_css_drawable(data_file, split, objects_img):
+def check_css_drawable(data_file, split, objects_img,
+                       why='there is no images/ folder, so images are drawn in 2D'):
     """What draw_css_2d_image needs of every object, checked before training draws them."""
     for i, objects in enumerate(objects_img):
         for obj in objects:
@@ -358,8 +363,7 @@ def check_css_drawable(data_file, split, objects_img):
                 raise DatasetError(
                     f'{data_file}: split "{split}": objects_img[{i}]: cannot draw {_kind(obj)} '
                     f'(an object needs shape in {"/".join(CSS_SHAPES)}, color in '
-                    f'{"/".join(CSS_COLORS)}, size and pos = (row, column) fractions; there '
-                    f'is no images/ folder, so images are drawn in 2D)')
+                    f'{"/".join(CSS_COLORS)}, size and pos = (row, column) fractions; {why})')
 
 
 class CSSDataset(BaseDataset):
@@ -367,11 +371,16 @@ class CSSDataset(BaseDataset):
 
     _sampler_state_attrs = ('last_from', 'last_mod')
 
-    def __init__(self, path, split='train', transform=None, use_2d=False):
+    def __init__(self, path, split='train', transform=None, use_2d=False, query_images='3d'):
+        """`use_2d`: every image drawn in 2D.  `query_images='2d'` (2D->3D): the source image of
+        every training example and test query is drawn in 2D, targets and gallery are the PNGs."""
         super().__init__()
+        if query_images not in ('2d', '3d'):
+            raise ValueError(f'query_images={query_images!r}: expected 2d or 3d')
         self.path = path
         self.split = split
         self.transform = transform
+        self.query_images = query_images
         data = load_css_data(path)
         data_file = os.path.join(path, CSS_DATA_FILE)
         if split not in data:
@@ -390,8 +399,14 @@ class CSSDataset(BaseDataset):
             for source, target in zip(mod['from'], mod['to']):
                 self.imgid2modtarget[source].append((mod_id, target))
         self.img_path = self._find_image_folder(use_2d)
+        if query_images == '2d' and self.img_path is None and not use_2d:
+            raise DatasetError(f'{os.path.join(path, "images")}: no such folder; 2D->3D queries '
+                               f'need the rendered PNGs as targets and gallery')
         if self.img_path is None:
             check_css_drawable(data_file, split, data[split]['objects_img'])
+        elif query_images == '2d':
+            check_css_drawable(data_file, split, data[split]['objects_img'],
+                               why='query images are drawn in 2D (--css_query_images=2d)')
         self._reported_images = set()
         self.last_from, self.last_mod = None, []
         self.generate_test_queries_()
@@ -458,7 +473,7 @@ class CSSDataset(BaseDataset):
             else:
                 source, mod_id, target = self.get_1st_training_query()
             try:
-                source_img, target_img = self.get_img(source), self.get_img(target)
+                source_img, target_img = self.get_query_img(source), self.get_img(target)
             except ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
@@ -493,6 +508,14 @@ class CSSDataset(BaseDataset):
         if self.transform:
             img = self.transform(img)
         return img
+
+    def get_query_img(self, idx, raw_img=False):
+        # Through self.get_img, which the retrieval test's sampler may shadow (no decoding).
+        return self.get_img(idx, raw_img, get_2d=self.query_images == '2d')
+
+    def summary(self):
+        queries = ', query images drawn in 2D (2D->3D)' if self.query_images == '2d' else ''
+        return super().summary() + queries
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def dataset_options(opt):
     def flag(name, default):
         return getattr(opt, name, default)
     if opt.dataset == 'css3d':
-        return {}
+        return {'query_images': flag('css_query_images', '3d')}
     options = {'fast_decode': flag('fast_decode', False)}
     if opt.dataset == 'fashion200k':
         order = flag('f200k_label_order', None)
@@ -126,10 +126,37 @@ def dataset_options(opt):
     return options
 
 
+def check_css_query_images(opt):
+    """2D->3D (SPEC 2.1) draws the queries and needs the rendered PNGs for the rest."""
+    if getattr(opt, 'css_query_images', '3d') != '2d':
+        return
+    if opt.dataset != 'css3d':
+        raise UserError(f'--css_query_images=2d: only for --dataset=css3d (the dataset here is '
+                        f'{opt.dataset})')
+    images = os.path.join(opt.dataset_path, 'images')
+    if not os.path.isdir(images):
+        raise UserError(f'--css_query_images=2d: {images}: no such folder; 2D->3D needs the '
+                        f'rendered PNGs (make_css_dataset.py --pngs writes them) as targets and '
+                        f'gallery')
+
+
+def adopt_checkpoint_query_images(opt, ckpt):
+    """--css_query_images from a checkpoint trained on this dataset unless given: a 2D->3D
+    model is tested 2D->3D."""
+    saved = ckpt.get('opt')
+    given = 'css_query_images' in getattr(opt, 'explicit_flags', ())
+    if given or getattr(saved, 'dataset', None) != opt.dataset:
+        return
+    opt.css_query_images = getattr(saved, 'css_query_images', '3d')
+    if opt.css_query_images == '2d':
+        print('Query images: 2D drawings (the checkpoint\'s --css_query_images=2d)')
+
+
 def load_dataset(opt, test_split='test'):
     """(train split, `test_split`) of --dataset at --dataset_path."""
     if not os.path.isdir(opt.dataset_path):
         raise UserError(f'--dataset_path={opt.dataset_path}: no such folder')
+    check_css_query_images(opt)
     print('Reading dataset', opt.dataset)
     module_name, class_name = DATASET_CLASSES[opt.dataset]
     cls = getattr(importlib.import_module(module_name), class_name)

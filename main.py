@@ -31,10 +31,10 @@ import paper_composers
 import test_retrieval
 import text_model
 from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_flags,  # noqa: F401
-                        adopt_checkpoint_architecture,
-                        adopt_checkpoint_dataset, build_vocabulary, create_model,
-                        ensure_default_dataset, load_dataset, load_model_weights, seed_everything,
-                        select_device)
+                        adopt_checkpoint_architecture, adopt_checkpoint_dataset,
+                        adopt_checkpoint_query_images, build_vocabulary, check_css_query_images,
+                        create_model, ensure_default_dataset, load_dataset, load_model_weights,
+                        seed_everything, select_device)
 
 # What the best checkpoint tracks, per dataset (SPEC 2.4, 2.5, 2.6; recall@1 for the reference's three).
 TRACKED_METRICS = {'fashioniq': 'test recall_mean', 'cirr': 'test recall_avg', 'shoes': 'test recall_mean'}
@@ -100,6 +100,10 @@ def get_args_parser():
                    help='Fashion200k: comma-separated label-file names giving the order in which '
                         'they are read (default: sorted names)')
     add_photo_benchmark_flags(p, 'all', 'FashionIQ categories trained and tested')
+    p.add_argument('--css_query_images', type=str, default='3d', choices=['3d', '2d'],
+                   help="CSS: the query (source) images, in training and test: '3d' the rendered "
+                        "PNGs, '2d' the 2D drawings of their scenes (the paper's 2D->3D; targets "
+                        "and gallery stay the PNGs, so it needs images/)")
     p.add_argument('--test_only', action='store_true', help='run the retrieval test once and exit')
     p.add_argument('--test_split', type=str, default='test', choices=['train', 'test', 'test1'],
                    help="split evaluated by --test_only ('test1': CIRR's evaluation-server files)")
@@ -540,7 +544,7 @@ def log_retrieval_examples(logger, dataset, features, it, count=4, k=5):
     scores, neighbours = test_retrieval.top_k_with_scores(features['query'][ids],
                                                           features['gallery'], k, exclude)
     rows = [retrieval_grid.result_row(
-        dataset, retrieval_grid.display_image(dataset, queries[i]['source_img_id']),
+        dataset, retrieval_grid.display_query_image(dataset, queries[i]['source_img_id']),
         queries[i]['mod']['str'], scores[r].tolist(), neighbours[r].tolist(),
         queries[i]['target_caption'], f'target: {queries[i]["target_caption"]}')
         for r, i in enumerate(ids)]
@@ -821,6 +825,7 @@ def prepare_options(opt):
     if init_ckpt is None and opt.checkpoint:
         init_ckpt, init_path = checkpoints.load(opt.checkpoint), opt.checkpoint
         adopt_checkpoint_dataset(opt, init_ckpt, init_path)
+        adopt_checkpoint_query_images(opt, init_ckpt)
     # After the checkpoint's dataset is adopted: a CIRR checkpoint needs no --dataset=cirr.
     if opt.test_split == 'test1' and (opt.dataset != 'cirr' or not opt.test_only):
         raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
@@ -828,6 +833,7 @@ def prepare_options(opt):
     if opt.test_split == 'test1' and opt.skip_missing_images:
         import cirr
         raise UserError(cirr.SKIPPED_TEST1)
+    check_css_query_images(opt)
     check_writable_folders(opt)
     if init_ckpt is None:
         check_img_weights(opt)

@@ -35,6 +35,12 @@ def display_image(dataset, idx):
     return as_pil(dataset.get_img(int(idx), raw_img=True))
 
 
+def display_query_image(dataset, idx):
+    """Image `idx` as a query's source (CSS 2D->3D: the 2D drawing), as RGB PIL."""
+    import test_retrieval
+    return as_pil(test_retrieval.query_image(dataset, int(idx), raw_img=True))
+
+
 def _font():
     try:
         return PIL.ImageFont.load_default(size=12)

@@ -60,6 +60,10 @@ def get_args_parser():
                         'val files; test1: CIRR\'s test1, whose queries have no known target)')
     experiment.add_photo_benchmark_flags(
         p, None, "FashionIQ categories in the gallery (default: the checkpoint's, else all)")
+    p.add_argument('--css_query_images', type=str, default=None, choices=['3d', '2d'],
+                   help="CSS: test queries' source images (--query_index): '3d' the PNGs or '2d' "
+                        "the 2D drawings (2D->3D); the gallery is the PNGs either way (default: "
+                        "the checkpoint's, else 3d)")
     p.add_argument('--model', type=str, default=None,
                    choices=list(img_text_composition_models.MODELS),
                    help="composition model (default: the checkpoint's)")
@@ -161,6 +165,8 @@ def load_model_and_gallery(opt):
     with contextlib.redirect_stdout(io.StringIO()):
         ckpt = checkpoints.load(opt.checkpoint)
         adopt_checkpoint_dataset(opt, ckpt)
+        experiment.adopt_checkpoint_query_images(opt, ckpt)
+        opt.css_query_images = opt.css_query_images or '3d'
         for name in ('model', 'embed_dim'):  # main.py's defaults when neither given nor saved
             if getattr(opt, name) is None:
                 setattr(opt, name, main.get_args_parser().get_default(name))
@@ -324,7 +330,7 @@ def query_from_index(dataset, n):
     if 'pairid' in q:
         name += f' (pairid {q["pairid"]})'
     return {'text': q['mod']['str'], 'source_id': source,
-            'display': retrieval_grid.display_image(dataset, source),
+            'display': retrieval_grid.display_query_image(dataset, source),
             'target_caption': q['target_caption'], 'target_id': q.get('target_img_id'),
             'category': q.get('category'), 'subset_ids': q.get('subset_ids'),
             'name': f'{name}: image {image_name(dataset, source)}'}

@@ -37,23 +37,32 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+def query_image(dataset, idx, raw_img=False):
+    """Image `idx` as the source of a query: the gallery's image, except where the dataset
+    shows queries otherwise (CSS 2D->3D draws them in 2D).  Any object with get_img works."""
+    read = getattr(dataset, 'get_query_img', None)
+    return dataset.get_img(idx, raw_img) if read is None else read(idx, raw_img)
+
+
 class _ImageList(torch.utils.data.Dataset):
 
-    def __init__(self, dataset, ids):
-        self.dataset, self.ids = dataset, ids
+    def __init__(self, dataset, ids, queries=False):
+        self.dataset, self.ids, self.queries = dataset, ids, queries
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
+        if self.queries:
+            return torch.as_tensor(query_image(self.dataset, self.ids[i])).float()
         return torch.as_tensor(self.dataset.get_img(self.ids[i])).float()
 
 
-def _image_batches(dataset, ids, batch_size, num_workers, desc='Images'):
+def _image_batches(dataset, ids, batch_size, num_workers, desc='Images', queries=False):
     # Its own generator: creating a loader must not draw from the global torch stream, which
     # training (dropout, triplet sampling) depends on; an evaluation must not change a run.
     loader = torch.utils.data.DataLoader(
-        _ImageList(dataset, ids), batch_size=batch_size, num_workers=num_workers,
+        _ImageList(dataset, ids, queries), batch_size=batch_size, num_workers=num_workers,
         generator=torch.Generator(), worker_init_fn=datasets.worker_init_fn)
     # disable=None: a progress bar on a terminal only, none in logs and tests; under torchrun
     # the first process's only.
@@ -81,7 +90,8 @@ def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
     texts = [q['mod']['str'] for q in queries]
     features = []
     for start, imgs in zip(range(0, len(queries), batch_size),
-                           _image_batches(dataset, source_ids, batch_size, num_workers, 'Query features')):
+                           _image_batches(dataset, source_ids, batch_size, num_workers,
+                                          'Query features', queries=True)):
         imgs = imgs.to(device, non_blocking=True)
         features.append(model.compose_img_text(imgs, texts[start:start + batch_size]).float())
     return _all_shares(features, device)
