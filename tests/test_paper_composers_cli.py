@@ -1,0 +1,128 @@
+"""The seven new --model values through main.py as a user runs them (issue 19 items 1, 2): each
+trains 20 iterations on the synthetic CSS data and on a FashionIQ fixture (attribute_operator: on
+a MIT-States fixture), evaluates, saves, resumes with the original command, and --test_only of its
+checkpoint repeats its final test; attribute_operator on other data is a one-line error before
+any run folder exists; retrieve.py ranks with a new model's checkpoint."""
+import glob
+import json
+import os
+
+import pytest
+import torchvision.transforms as T
+
+from conftest import read_scalars, run_main, write_css_fixture
+from fiq_cirr_fixtures import fiq_layout, write_fiq
+from test_mitstates import write_mitstates_fixture
+
+import checkpoints
+import datasets
+import retrieve
+import test_retrieval
+
+SMALL = ['--batch_size=4', '--embed_dim=8', '--loader_num_workers=0', '--img_weights=none',
+         '--seed=2']
+CSS_MODELS = ['show_and_tell', 'param_hashing', 'relationship', 'film', 'tirg_gate_only',
+              'tirg_res_only']
+CASES = ([(m, 'css3d') for m in CSS_MODELS] + [(m, 'fashioniq') for m in CSS_MODELS]
+         + [('attribute_operator', 'mitstates')])
+
+
+@pytest.fixture(autouse=True)
+def small_photos(monkeypatch):
+    """Photos at 64 px (the composers see a 2 x 2 layer4 map) and 8 sampled training examples
+    a train-split test: the protocol is what is tested here, not the resolution."""
+    monkeypatch.setattr(datasets, 'photo_transform', lambda: T.Compose([
+        T.Resize(64), T.CenterCrop(64), T.ToTensor(),
+        T.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)]))
+    monkeypatch.setattr(test_retrieval, 'NUM_SAMPLED_TRAIN_EXAMPLES', 8)
+
+
+def write_dataset(dataset, root):
+    if dataset == 'css3d':
+        write_css_fixture(root, num_scenes=8)
+    elif dataset == 'fashioniq':
+        write_fiq(root, fiq_layout({'dress': 12, 'shirt': 6, 'toptee': 6}))
+    else:
+        write_mitstates_fixture(root)
+    return root
+
+
+def only_run_folder(cwd, comment):
+    found = glob.glob(os.path.join(str(cwd), 'runs', f'*{comment}'))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def metric_lines(run_dir):
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize('name, dataset', CASES)
+def test_trains_resumes_with_the_original_command_and_test_only_repeats_the_final_test(
+        name, dataset, tmp_path):
+    root = write_dataset(dataset, str(tmp_path / dataset))
+    command = SMALL + [f'--dataset={dataset}', f'--dataset_path={root}', f'--model={name}',
+                       '--comment=_run']
+    first = run_main(command + ['--num_iters=10'], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    run_dir = only_run_folder(tmp_path, '_run')
+    ckpt_path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    assert checkpoints.load(ckpt_path)['it'] == 10
+
+    resumed = run_main(command + ['--num_iters=20', f'--resume={ckpt_path}'], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert only_run_folder(tmp_path, '_run') == run_dir  # continued in its own folder
+    ckpt = checkpoints.load(ckpt_path)
+    assert ckpt['it'] == 20 and ckpt['finished'] and ckpt['opt'].model == name
+    assert os.path.isfile(os.path.join(run_dir, 'best_checkpoint.pth'))
+    final = metric_lines(run_dir)[-1]
+    assert final['it'] == 20
+    final_test = {k: v for k, v in final.items() if k.startswith('test ')}
+    assert final_test and any(k.startswith('train ') for k in final)
+    assert any(tag.startswith('test') for tag in read_scalars(run_dir))  # tensorboard
+
+    # --test_only: the model (and its size) from the checkpoint, loaded strictly.
+    tested = run_main(['--test_only', f'--checkpoint={ckpt_path}', '--loader_num_workers=0',
+                       '--batch_size=4', '--comment=_test'], cwd=tmp_path)
+    assert tested.returncode == 0, tested.stdout[-2000:] + tested.stderr[-3000:]
+    with open(os.path.join(only_run_folder(tmp_path, '_test'), 'test_results.json')) as f:
+        results = json.load(f)
+    assert results['model'] == name and results['it'] == 20
+    assert results['metrics'].keys() == final_test.keys()
+    for metric, value in final_test.items():
+        assert results['metrics'][metric] == pytest.approx(value, abs=1e-9), metric
+
+
+@pytest.mark.parametrize('dataset', ['css3d', 'fashioniq'])
+def test_attribute_operator_on_sentences_is_one_line_and_no_run_folder(dataset, tmp_path):
+    root = write_dataset(dataset, str(tmp_path / dataset))
+    result = run_main(SMALL + [f'--dataset={dataset}', f'--dataset_path={root}',
+                               '--model=attribute_operator', '--num_iters=2'], cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith('main.py: error: --model=attribute_operator: composes single '
+                               f'attribute words (--dataset=mitstates); the {dataset} '
+                               f'modification texts are not (such as ')
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_retrieve_with_new_models_checkpoints(tmp_path, capsys):
+    root = write_dataset('mitstates', str(tmp_path / 'mitstates'))
+    result = run_main(SMALL + ['--dataset=mitstates', f'--dataset_path={root}',
+                               '--model=attribute_operator', '--num_iters=2'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = glob.glob(str(tmp_path / 'runs' / '*' / 'latest_checkpoint.pth'))
+    cache = ['--cache_dir', str(tmp_path / 'cache'), '--loader_num_workers=0']
+    query, results = retrieve.retrieve(retrieve.parse_opt(
+        [f'--checkpoint={ckpt}', '--query_index=0', '--topk=3', '--device=cpu'] + cache))
+    assert query['text'] == 'ripe' and len(results) == 3  # MIT-States' first test query
+    image = os.path.join(root, 'images', 'ripe fig', 'image_0.jpg')
+    code = retrieve.main_cli([f'--checkpoint={ckpt}', f'--query_img={image}',
+                          '--query_text=make it ripe', '--device=cpu'] + cache)
+    err = capsys.readouterr().err
+    assert code == 1 and 'Traceback' not in err
+    assert err.strip().splitlines()[-1:] == [  # after the lines naming the dataset
+        "retrieve.py: error: --query_text='make it ripe': attribute_operator composes single "
+        "attribute words; got 'make it ripe'"]
