@@ -347,3 +347,22 @@ def test_batch_of_one_in_eval_and_any_image_size(name):
             out = model.compose_img_text(images(batch=1, height=height, width=width),
                                          query_texts(name)[:1])
             assert out.shape == (1, DIM) and torch.isfinite(out).all()
+
+
+def test_models_reading_the_layer4_map_take_its_channels_from_a_resnet50_encoder():
+    """C = 2048 under --img_backbone=resnet50: no 512 hard-coded."""
+    torch.manual_seed(0)
+    relationship = itcm.MODELS['relationship'](TEXTS, DIM, pretrained=False, backbone='resnet50').eval()
+    film = itcm.MODELS['film'](TEXTS, DIM, pretrained=False, backbone='resnet50')
+    assert relationship.g[0].in_features == 2 * (2048 + 2) + DIM
+    assert film.film_generator.out_features == 2 * 2048
+    assert film.block_conv2.in_channels == film.block_conv2.out_channels == 2048
+    randomise_batchnorm(film)
+    film.eval()
+    imgs = images(batch=2, height=64, width=64)
+    with torch.no_grad():
+        torch.testing.assert_close(relationship.compose_img_text(imgs, TEXTS[:2]),
+                                   relationship_formula(relationship, imgs, TEXTS[:2]),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(film.compose_img_text(imgs, TEXTS[:2]),
+                                   film_formula(film, imgs, TEXTS[:2]), rtol=1e-4, atol=1e-5)
