@@ -138,6 +138,11 @@ def adopt_checkpoint_dataset(opt, ckpt):
     saved_dataset = getattr(saved, 'dataset', None)
     if opt.dataset is None:
         opt.dataset = saved_dataset or 'css3d'
+    elif isinstance(saved_dataset, str) and saved_dataset != opt.dataset:
+        # Its words and features are another dataset's: the ranking would be meaningless.
+        raise experiment.UserError(f'--dataset={opt.dataset}: {opt.checkpoint} was trained on '
+                                   f'{saved_dataset}; give --dataset={saved_dataset} (or leave '
+                                   f'--dataset out) to search with it')
     if opt.fiq_category is None:
         opt.fiq_category = getattr(saved, 'fiq_category', 'all') if saved_dataset == opt.dataset else 'all'
     if opt.split == 'test1' and opt.dataset != 'cirr':

@@ -501,3 +501,19 @@ def test_draw_rows_wraps_long_rows_under_the_first_result():
     x, y = x0 + 2 * cell, g.PAD + row_height  # result 12, line 1, column 2: framed in green
     assert tuple(pixels[y - 1, x + tile // 2]) == g.CORRECT_COLOR
     assert tuple(pixels[g.PAD + row_height + tile // 2, g.PAD + tile // 2]) == g.BACKGROUND
+
+
+def test_a_checkpoint_of_another_dataset_is_refused_naming_both(tmp_path, capsys):
+    """Issue 18 item 8: --dataset given, the checkpoint trained on another dataset (its words
+    unknown there but for a warning): one line naming both, nothing ranked."""
+    root = str(tmp_path / 'css')
+    write_css_fixture(root, num_scenes=4)
+    ckpt = imgonly_checkpoint(tmp_path, root)
+    saved = torch.load(ckpt, weights_only=False)
+    saved['opt'].dataset = 'fashion200k'
+    torch.save(saved, ckpt)
+    code, out, err = run_retrieve([f'--checkpoint={ckpt}', '--dataset=css3d', f'--dataset_path={root}',
+                                   '--query_index=0', '--loader_num_workers=0'], capsys)
+    assert code == 1 and out == ''
+    assert err == (f'retrieve.py: error: --dataset=css3d: {ckpt} was trained on fashion200k; give '
+                   f'--dataset=fashion200k (or leave --dataset out) to search with it\n')
