@@ -1087,16 +1087,55 @@ def parse_args(argv=None):
     return args
 
 
+def check_device(name):
+    """The torch device --device names; a one-line exit before anything is measured."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise SystemExit(f'bench.py: --device={name}: expected cpu or cuda[:N]')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'bench.py: --device={name} but CUDA is not available')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f'bench.py: --device={name}: this machine has {torch.cuda.device_count()} '
+                         f'CUDA devices')
+    return device
+
+
+def check_json_path(path):
+    """--json must be writable before the minutes of measuring, not after them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f'bench.py: --json={path}: no such folder {folder}')
+    if os.path.isdir(path):
+        raise SystemExit(f'bench.py: --json={path}: is a folder, expected a file name')
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SystemExit(f'bench.py: --json={path}: cannot write there (permission denied)')
+
+
+def write_json(path, results):
+    """Through a temporary file: a failed write leaves an earlier file of that name whole."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(results, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f'bench.py: --json={path}: cannot write ({e.strerror or e}); the '
+                         f'results are printed above') from None
+
+
 def run(args):
-    device = torch.device(args.device)
+    device = check_device(args.device)
+    if args.json:
+        check_json_path(args.json)
     if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise SystemExit('bench.py: --device=cuda but CUDA is not available')
         # Exact float32 (the default): the retrieval comparison relies on it.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    elif device.type != 'cpu':
-        raise SystemExit(f'bench.py: --device={args.device}: expected cpu or cuda[:N]')
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -1138,8 +1177,7 @@ def run(args):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1, default=str)
+        write_json(args.json, results)
         print('Wrote', args.json)
     return results
 

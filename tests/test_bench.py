@@ -97,3 +97,38 @@ def test_a_missing_real_tree_is_a_one_line_exit(tmp_path):
     with pytest.raises(SystemExit) as info:
         bench.run(bench.parse_args(['--quick', '--only', 'data', '--fiq_path', missing]))
     assert str(info.value) == f'bench.py: --fiq_path: --dataset_path={missing}: no such folder'
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--device=bogus'], 'bench.py: --device=bogus: expected cpu or cuda[:N]'),
+    (['--device=mps'], 'bench.py: --device=mps: expected cpu or cuda[:N]'),
+    (['--json={tmp}/missing/dir/x.json'], 'bench.py: --json={tmp}/missing/dir/x.json: no such '
+                                          'folder {tmp}/missing/dir'),
+    (['--json={tmp}'], 'bench.py: --json={tmp}: is a folder, expected a file name'),
+])
+def test_a_bad_device_or_json_path_exits_in_one_line_before_measuring(tmp_path, capsys, monkeypatch,
+                                                                      flags, expected):
+    """Issue 18 item 16: a traceback, or an error only after the benchmark ran."""
+    measured = []
+    monkeypatch.setattr(bench, 'bench_loss', lambda *a: measured.append(1) or ([], {}))
+    flags = [f.replace('{tmp}', str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as info:
+        bench.run(bench.parse_args(['--quick', '--only', 'loss'] + flags))
+    assert str(info.value) == expected.replace('{tmp}', str(tmp_path))
+    assert measured == [] and capsys.readouterr().out == ''
+
+
+def test_the_json_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, 'bench_loss', lambda *a: (['loss line'], {'ratio': 2.0}))
+    path = tmp_path / 'out.json'
+    path.write_text('{"earlier": 1}')
+    bench.run(bench.parse_args(['--quick', '--only', 'loss', f'--json={path}']))
+    assert json.loads(path.read_text())['loss']['ratio'] == 2.0
+    assert os.listdir(str(tmp_path)) == ['out.json']
+
+
+def test_bench_cli_with_a_bad_device_is_one_line_exit_1():
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--device=bogus'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ''
+    assert result.stderr == 'bench.py: --device=bogus: expected cpu or cuda[:N]\n'
