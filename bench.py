@@ -24,10 +24,11 @@ Sections (one line per figure: both timings and their ratio):
   data       images per second of the Fashion200k image pipeline (datasets.open_photo, then
              datasets.photo_transform: Resize(224), CenterCrop(224), ToTensor, Normalize) on
              generated JPEGs, with 0 and N DataLoader workers, fast decode off and on; then
-             training triplets per second of the FashionIQ and CIRR loaders (main.py's training
-             loader over fashioniq.FashionIQ / cirr.CIRR train, batch --batch_size), 0 against N
-             workers, on generated trees in their layouts (FashionIQ JPEGs, CIRR PNGs) or on
-             real ones given with --fiq_path / --cirr_path.
+             training triplets per second of the FashionIQ, CIRR and Shoes loaders (main.py's
+             training loader over fashioniq.FashionIQ / cirr.CIRR / shoes.Shoes train, batch
+             --batch_size), 0 against N workers, on generated trees in their layouts (FashionIQ
+             and Shoes JPEGs, CIRR PNGs) or on real ones given with --fiq_path / --cirr_path /
+             --shoes_path.
   memory     peak resident memory of a train-split evaluation (test_retrieval.test on an MIT-States
              tree at 224 px, --memory_counts sampled examples, a stand-in model that costs nothing
              per image) against the plain way (a list of the examples with their images, then
@@ -68,6 +69,7 @@ import fashioniq  # noqa: E402
 import img_text_composition_models  # noqa: E402
 import main  # noqa: E402
 import make_css_dataset  # noqa: E402
+import shoes  # noqa: E402
 import test_retrieval  # noqa: E402
 
 FASHION200K_TEST_QUERIES = 33480
@@ -655,7 +657,7 @@ def bench_data(args, tmp):
     best = max(rates.values())
     lines.append(f'data images for one Fashion200k iteration (2x32): {64 / best:.3f} s at the best '
                  f'rate above ({best:.1f} img/s)')
-    for name, tree in (('fashioniq', args.fiq_path), ('cirr', args.cirr_path)):
+    for name, tree in (('fashioniq', args.fiq_path), ('cirr', args.cirr_path), ('shoes', args.shoes_path)):
         generated = tree is None
         if generated:
             tree = write_triplet_tree(name, os.path.join(tmp, name), paths)
@@ -665,9 +667,11 @@ def bench_data(args, tmp):
 
 
 def write_triplet_tree(dataset_name, root, jpegs):
-    """A FashionIQ or CIRR train split in the real layout over the generated photos, 2 triplets
-    per image (each image a source once and a target twice); FashionIQ's as JPEGs, CIRR's as
-    PNGs, as their downloads mostly hold."""
+    """A FashionIQ, CIRR or Shoes train split in the real layout over the generated photos, 2
+    triplets per image (each image a source twice and a target twice); FashionIQ's and Shoes' as
+    JPEGs, CIRR's as PNGs, as their downloads hold.  Shoes: the last 2 photos are the eval list,
+    the others the train list with the triplets among them (4 examples each under --shoes_protocol
+    =val: every triplet is listed under both its images)."""
     import PIL.Image
 
     def write(path, content):
@@ -676,6 +680,8 @@ def write_triplet_tree(dataset_name, root, jpegs):
             json.dump(content, f)
     names = [f'img{i:04d}' for i in range(len(jpegs))]
     pairs = [(names[i], names[(i + step) % len(names)]) for step in (1, 2) for i in range(len(names))]
+    if dataset_name == 'shoes':
+        return write_shoes_tree(root, jpegs, write)
     if dataset_name == 'fashioniq':
         for name, jpeg in zip(names, jpegs):
             os.makedirs(os.path.join(root, 'images'), exist_ok=True)
@@ -697,6 +703,25 @@ def write_triplet_tree(dataset_name, root, jpegs):
           [{'pairid': i, 'reference': a, 'target_hard': b, 'caption': f'make it brighter {i}',
             'img_set': {'id': i, 'members': [a, b]}} for i, (a, b) in enumerate(pairs)])
     write(os.path.join(root, 'cirr', 'image_splits', 'split.rc2.train.json'), paths)
+    return root
+
+
+def write_shoes_tree(root, jpegs, write):
+    """Shoes' release files, and its images in the attributedata/womens_<category>/{0,1}/ layout."""
+    categories = ('clogs', 'pumps', 'boots')
+    names = [f'img_womens_{categories[i % 3]}_{i}.jpg' for i in range(len(jpegs))]
+    for i, (name, jpeg) in enumerate(zip(names, jpegs)):
+        folder = os.path.join(root, 'attributedata', f'womens_{categories[i % 3]}', str(i % 2))
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(jpeg, os.path.join(folder, name))
+    train = names[:-2]
+    pairs = [(train[i], train[(i + step) % len(train)]) for step in (1, 2) for i in range(len(train))]
+    write(os.path.join(root, shoes.CAPTIONS_FILE),
+          [{'ImageName': b, 'ReferenceImageName': a, 'RelativeCaption': f'has a higher heel {i}'}
+           for i, (a, b) in enumerate(pairs)])
+    for split, listed in (('train', train), ('test', names[-2:])):
+        with open(shoes.list_path(root, split), 'w') as f:
+            f.write(''.join(name + '\n' for name in listed))
     return root
 
 
@@ -726,7 +751,8 @@ def bench_triplet_loader(args, dataset_name, root, generated):
             trainset, _ = experiment.load_dataset(opt, 'train')
             main.fit_batch_size(opt, trainset)  # a tree smaller than the batch: one batch an epoch
     except (experiment.UserError, datasets.DatasetError) as e:
-        raise SystemExit(f'bench.py: --{"fiq" if dataset_name == "fashioniq" else "cirr"}_path: {e}') from None
+        flag = {'fashioniq': 'fiq', 'cirr': 'cirr', 'shoes': 'shoes'}[dataset_name]
+        raise SystemExit(f'bench.py: --{flag}_path: {e}') from None
     rates = {}
     for workers in (0, args.workers):
         opt.loader_num_workers = workers
@@ -1029,11 +1055,13 @@ def get_args_parser():
     p.add_argument('--data_images', type=int, default=48, help='data: JPEG files generated')
     p.add_argument('--data_passes', type=int, default=2, help='data: timed passes over them')
     p.add_argument('--data_batches', type=int, default=6,
-                   help='data: timed training batches of the FashionIQ and CIRR loaders')
+                   help='data: timed training batches of the FashionIQ, CIRR and Shoes loaders')
     p.add_argument('--fiq_path', default=None,
                    help='data: a FashionIQ tree to time instead of a generated one')
     p.add_argument('--cirr_path', default=None,
                    help='data: a CIRR tree to time instead of a generated one')
+    p.add_argument('--shoes_path', default=None,
+                   help='data: a Shoes tree to time instead of a generated one (--shoes_protocol=val)')
     p.add_argument('--memory_counts', type=parse_counts, default='300,3000',
                    help='memory: comma-separated numbers of sampled training examples')
     p.add_argument('--threads', type=int, default=0,

@@ -6,7 +6,8 @@
 
 The gallery is every image of --split (default test), ranked as that dataset's retrieval test
 ranks it: a FashionIQ test query against its category's gallery with the candidate kept, every
-other test query with its source image left out.  The gallery's features are computed once and
+other test query with its source image left out (Shoes' test images are its --shoes_protocol's
+gallery).  The gallery's features are computed once and
 cached on disk, so later queries against the same checkpoint and split take a second or so.
 """
 import argparse
@@ -29,6 +30,7 @@ import experiment
 import main
 import paper_composers
 import retrieval_grid
+import shoes
 import test_retrieval
 import text_model
 
@@ -59,7 +61,8 @@ def get_args_parser():
                         '--query_index counts (default: test; FashionIQ\'s and CIRR\'s test is their '
                         'val files; test1: CIRR\'s test1, whose queries have no known target)')
     experiment.add_photo_benchmark_flags(
-        p, None, "FashionIQ categories in the gallery (default: the checkpoint's, else all)")
+        p, None, "FashionIQ categories in the gallery (default: the checkpoint's, else all)",
+        shoes_protocol_default=None, shoes_protocol_help="(default: the checkpoint's, else val)")
     p.add_argument('--css_query_images', type=str, default=None, choices=['3d', '2d'],
                    help="CSS: test queries' source images (--query_index): '3d' the PNGs or '2d' "
                         "the 2D drawings (2D->3D); the gallery is the PNGs either way (default: "
@@ -78,7 +81,8 @@ def get_args_parser():
                        help="the N-th test query of --split (from 0): its source image and text, "
                             "and its known target, ranked as the retrieval test ranks it (the "
                             "source image left out; FashionIQ: its category's gallery, the "
-                            "candidate kept; CIRR: its image set ranked as well)")
+                            "candidate kept; CIRR: its image set ranked as well; Shoes: its "
+                            "protocol's gallery)")
     p.add_argument('--topk', type=int, default=10,
                    help=f'number of results (default: 10); the --out picture shows the first '
                         f'{MAX_DRAWN}, {retrieval_grid.MAX_COLUMNS} to a line')
@@ -145,6 +149,8 @@ def adopt_checkpoint_dataset(opt, ckpt):
                                    f'--dataset out) to search with it')
     if opt.fiq_category is None:
         opt.fiq_category = getattr(saved, 'fiq_category', 'all') if saved_dataset == opt.dataset else 'all'
+    if opt.shoes_protocol is None:
+        opt.shoes_protocol = getattr(saved, 'shoes_protocol', 'val') if saved_dataset == opt.dataset else 'val'
     if opt.split == 'test1' and opt.dataset != 'cirr':
         raise experiment.UserError(f'--split=test1: only CIRR has a test1 split (the dataset here '
                                    f'is {opt.dataset})')
@@ -211,6 +217,8 @@ def _data_files(dataset):
                 for f in (fashioniq.captions_file, fashioniq.split_file)]
     if isinstance(dataset, cirr.CIRR):
         return [dataset.captions_path, dataset.split_path]
+    if isinstance(dataset, shoes.Shoes):
+        return [os.path.join(root, shoes.CAPTIONS_FILE), shoes.list_path(root, dataset.split)]
     return []
 
 
@@ -245,7 +253,8 @@ def cache_path(opt):
     folder = opt.cache_dir or os.path.join(os.path.dirname(os.path.abspath(opt.checkpoint)),
                                            'feature_cache')
     # One file per (checkpoint file, dataset split): a newer checkpoint or changed data overwrite it.
-    galleries = [opt.fiq_category, opt.fiq_protocol] if opt.dataset == 'fashioniq' else []
+    galleries = {'fashioniq': [opt.fiq_category, opt.fiq_protocol],
+                 'shoes': [opt.shoes_protocol]}.get(opt.dataset, [])
     name = hashlib.sha1(json.dumps([os.path.abspath(opt.checkpoint), opt.dataset,
                                     os.path.abspath(opt.dataset_path)] + galleries).encode()).hexdigest()[:16]
     return os.path.join(folder, f'gallery_{opt.dataset}_{opt.split}_{name}.pt')

@@ -42,6 +42,8 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     # 8 generated images, 2 triplets each (FashionIQ: 2 more, one per other category's file).
     line('data fashioniq train loader (18 triplets, 8 images, generated), batch 4: ', 'speed-up')
     line('data cirr train loader (16 triplets, 8 images, generated), batch 4: ', 'speed-up')
+    # Shoes: 6 train images (2 are the eval list), 12 triplets, each listed under both images.
+    line('data shoes train loader (24 triplets, 6 images, generated), batch 4: ', 'speed-up')
     line('ddp train iterations, global batch 4 ', 'scaling')
 
     results = json.loads(out.read_text())
@@ -50,7 +52,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert set(results['loss']) >= {'32', '128'}
     assert results['train']['overhead'] > 0
     assert results['data']['fast_decode_on']['workers_0_img_per_s'] > 0
-    for name in ('fashioniq', 'cirr'):
+    for name in ('fashioniq', 'cirr', 'shoes'):
         assert results['data'][name]['workers_2_triplets_per_s'] > 0
     ddp = results['ddp']['runs']
     assert ddp['1']['processes'] == 1 and ddp['2']['processes'] == 2, ddp
@@ -132,3 +134,19 @@ def test_bench_cli_with_a_bad_device_is_one_line_exit_1():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ''
     assert result.stderr == 'bench.py: --device=bogus: expected cpu or cuda[:N]\n'
+
+
+def test_a_real_shoes_tree_is_timed_and_a_bad_one_is_a_one_line_exit(tmp_path, capsys):
+    from shoes_fixtures import small_lists, write_shoes
+    train, evaluation, triplets = small_lists()
+    root = str(tmp_path / 'shoes')
+    write_shoes(root, train, evaluation, triplets, layout='images')
+    args = bench.parse_args(['--quick', '--only', 'data', '--workers', '1', '--shoes_path', root])
+    # The generated trees' loaders are timed as well; the Shoes tree is the fixture's.
+    results = bench.run(args)
+    assert results['data']['shoes']['triplets'] == 9 and results['data']['shoes']['images'] == 5
+    assert f'data shoes train loader (9 triplets, 5 images, {root}), batch 4: ' in capsys.readouterr().out
+    os.remove(os.path.join(root, 'train_im_names.txt'))
+    with pytest.raises(SystemExit) as info:
+        bench.run(args)
+    assert str(info.value).startswith(f'bench.py: --shoes_path: {root}/train_im_names.txt: Shoes image list not found')

@@ -221,3 +221,41 @@ def test_bad_input_is_one_line_and_exit_1_before_any_run_folder(tmp_path, capsys
     assert re.search(expected, lines[0]), lines[0]
     assert not os.path.exists(tmp_path / 'runs')
 
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieve.py: a test query ranks its protocol's gallery, its reference left out.
+
+def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
+    import retrieve
+    from test_retrieve import ranked_lines
+    train_names, eval_names, triplets = larger_lists()
+    root = tmp_path / 'shoes'
+    paths = write_shoes(str(root), train_names, eval_names, triplets, layout='images')
+    _, run_dir = train(tmp_path, capsys, root, 'shoes_retrieve', '--shoes_protocol=unique', num_iters=2)
+    checkpoint = os.path.join(run_dir, 'latest_checkpoint.pth')
+    model = checkpoint_model(checkpoint)
+    for protocol in ('unique', 'val'):
+        queries, gallery = per_query_protocol(eval_names, triplets, protocol)
+        # unique: the self-pair, its target left out with its reference; val: eval triplet 5
+        # listed under its target.
+        n = len(queries) - 1
+        reference, target, caption = queries[n]
+        flags = [] if protocol == 'unique' else ['--shoes_protocol=val']  # unique: the checkpoint's
+        code = retrieve.main_cli([f'--checkpoint={checkpoint}', f'--query_index={n}', '--topk=100',
+                                  '--loader_num_workers=0', f'--cache_dir={tmp_path / "cache"}'] + flags)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        lines = ranked_lines(out)
+        with torch.no_grad():
+            query = torch.nn.functional.normalize(
+                model.compose_img_text(image_tensor(paths[reference]), [caption]), dim=1)[0]
+            scores = {name: float(query @ torch.nn.functional.normalize(
+                model.extract_img_feature(image_tensor(paths[name])), dim=1)[0])
+                for name in gallery if name != reference}
+        expected = sorted(scores, key=lambda name: -scores[name])
+        assert [line.caption for line in lines] == expected
+        assert [line.score for line in lines] == pytest.approx([scores[name] for name in expected], abs=1e-4)
+        assert len(lines) == {'val': 16, 'unique': 13}[protocol]
+        assert [line.caption for line in lines if line.target] == ([] if target == reference else [target])
+    assert len(os.listdir(tmp_path / 'cache')) == 2  # a gallery cache per protocol
