@@ -259,3 +259,29 @@ def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
         assert len(lines) == {'val': 16, 'unique': 13}[protocol]
         assert [line.caption for line in lines if line.target] == ([] if target == reference else [target])
     assert len(os.listdir(tmp_path / 'cache')) == 2  # a gallery cache per protocol
+
+
+def test_two_torchrun_processes_train_and_test_as_one(tmp_path, capsys):
+    import subprocess
+    import sys
+    from conftest import REPO
+    train_names, eval_names, triplets = larger_lists()
+    root = tmp_path / 'shoes'
+    write_shoes(str(root), train_names, eval_names, triplets, layout='attributedata')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(REPO, 'main.py')] + SMALL + [
+        '--dataset=shoes', f'--dataset_path={root}', '--num_iters=4', '--comment=shoes_ddp']
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('eval_im_names.txt: 14 names') == 1  # the first process prints
+    run_dir = only_run_folder(tmp_path, 'shoes_ddp')
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        final = {k[len('test '):]: v for k, v in [json.loads(line) for line in f][-1].items()
+                 if k.startswith('test ')}
+    assert list(final) == NAMES
+    # Each process extracted its share of the features: one process's test gives the same.
+    _, results = run_test_only(tmp_path, capsys, os.path.join(run_dir, 'latest_checkpoint.pth'),
+                               'shoes_single')
+    assert results['shoes_protocol'] == 'val'
+    assert results['metrics'] == pytest.approx(final, abs=1e-6)
