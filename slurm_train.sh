@@ -41,10 +41,22 @@ GPUS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 COMMENT="_slurm${JOB}"
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 
-# "<it> <num_iters>" of a checkpoint, "0 0" when there is none yet.
+# "<it> <num_iters>" of a checkpoint, "0 0" when there is none yet.  An unreadable one is a line
+# on stderr naming it, followed by $2 (what to do), and a failure.
 progress() {
     if [ -z "$1" ]; then echo "0 0"; return; fi
-    PYTHONPATH="$REPO" "$PYTHON" -c 'import sys, checkpoints; c = checkpoints.load(sys.argv[1]); print(c["it"], c["opt"].num_iters)' "$1"
+    PYTHONPATH="$REPO" "$PYTHON" -c '
+import sys
+try:
+    import checkpoints
+    c = checkpoints.load(sys.argv[1])
+    print(int(c["it"]), int(c["opt"].num_iters))
+except Exception as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if not reason.startswith(sys.argv[1]):
+        reason = f"{sys.argv[1]}: not a readable checkpoint ({reason})"
+    sys.exit(f"slurm_train.sh: error: {reason}; {sys.argv[2]}")
+' "$1" "$2"
 }
 latest_checkpoint() {
     ls -t runs/*"${COMMENT}"/latest_checkpoint.pth 2>/dev/null | head -n 1 || true
@@ -56,8 +68,10 @@ if [ -n "$checkpoint" ]; then
     resume=(--resume="$checkpoint")
     echo "slurm_train.sh: job $JOB (restart ${SLURM_RESTART_COUNT:-0}) resumes from $checkpoint"
 fi
-read -r start_it _ < <(progress "$checkpoint")
-start_it=${start_it:-0}
+if ! now=$(progress "$checkpoint" "move it away (this job then starts a new run folder) or put a readable checkpoint in its place, then submit the job again"); then
+    exit 1
+fi
+read -r start_it _ <<< "$now"
 
 # On preemption SLURM signals this shell too: wait for main.py to save, then decide.
 trap 'echo "slurm_train.sh: SIGTERM received; waiting for main.py to save"' TERM
@@ -65,11 +79,14 @@ status=0
 srun --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run \
     --nnodes="$NODES" --nproc_per_node="$GPUS" \
     --rdzv_id="$JOB" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
-    "$REPO/main.py" "$@" --comment="$COMMENT" "${resume[@]}" || status=$?
+    "$REPO/main.py" "$@" --comment="$COMMENT" ${resume[@]+"${resume[@]}"} || status=$?
+# (${resume[@]+...}: bash before 4.4 calls an empty array unbound under set -u.)
 
 checkpoint=$(latest_checkpoint)
-read -r it num_iters < <(progress "$checkpoint")
-it=${it:-0} num_iters=${num_iters:-0}
+if ! now=$(progress "$checkpoint" "job $JOB is not requeued: move it away or put a readable checkpoint in its place, then submit the job again"); then
+    exit $(( status != 0 ? status : 1 ))
+fi
+read -r it num_iters <<< "$now"
 if [ "$status" -ne 0 ] && [ -n "$checkpoint" ] && [ "$it" -lt "$num_iters" ] && [ "$it" -gt "$start_it" ]; then
     echo "slurm_train.sh: stopped at iteration $it of $num_iters (exit $status); requeueing job $JOB"
     scontrol requeue "$JOB"

@@ -84,3 +84,56 @@ def test_outside_sbatch_it_says_so(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert 'run it with sbatch (SLURM_JOB_ID is not set)' in result.stderr
+
+
+# Issue 18 item 15: an unreadable latest checkpoint is named, with what to do; no traceback.
+SRUN_LOGGED = '#!/bin/bash\necho "$*" >> "$SRUN_LOG"\nexit 0\n'
+SRUN_CORRUPTING = ('#!/bin/bash\nmkdir -p "runs/x_slurm4242"\n'
+                   'echo "not a checkpoint" > runs/x_slurm4242/latest_checkpoint.pth\nexit 3\n')
+
+
+def stub_srun(tmp_path, env, body):
+    (tmp_path / 'bin' / 'srun').write_text(body)
+    env['SRUN_LOG'] = str(tmp_path / 'srun.log')
+
+
+def test_an_unreadable_latest_checkpoint_is_named_before_training(tmp_path):
+    submit, env = slurm_env(tmp_path)
+    stub_srun(tmp_path, env, SRUN_LOGGED)
+    run_dir = submit / 'runs' / '2026_host_slurm4242'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'latest_checkpoint.pth').write_bytes(b'PK\x03\x04 cut short')
+    result = subprocess.run(['bash', SCRIPT, '--num_iters=5'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert lines[0].startswith('slurm_train.sh: error: runs/2026_host_slurm4242/latest_checkpoint.pth: '
+                               'not a readable checkpoint (')
+    assert lines[0].endswith('move it away (this job then starts a new run folder) or put a readable '
+                             'checkpoint in its place, then submit the job again')
+    assert not (tmp_path / 'srun.log').exists()  # nothing trained on it
+    assert not (tmp_path / 'scontrol.log').exists()
+
+
+def test_a_checkpoint_unreadable_after_training_is_named_and_not_requeued(tmp_path):
+    submit, env = slurm_env(tmp_path)
+    stub_srun(tmp_path, env, SRUN_CORRUPTING)
+    result = subprocess.run(['bash', SCRIPT, '--num_iters=5'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3  # the training's own exit status
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert lines[0].startswith('slurm_train.sh: error: runs/x_slurm4242/latest_checkpoint.pth: ')
+    assert lines[0].endswith('job 4242 is not requeued: move it away or put a readable checkpoint '
+                             'in its place, then submit the job again')
+    assert not (tmp_path / 'scontrol.log').exists()
+
+
+def test_the_resume_flags_expand_under_set_u_in_bash_before_4_4():
+    """Bash 4.2/4.3 (common on clusters) call "${empty[@]}" an unbound variable under set -u;
+    only bash 5 runs here, so the script's expansions of the array are checked as text."""
+    with open(SCRIPT) as f:
+        script = ''.join(line for line in f if not line.lstrip().startswith('#'))
+    expansions = script.count('${resume[@]')
+    assert expansions == script.count('${resume[@]+"${resume[@]}"}') * 2 and expansions > 0
