@@ -262,3 +262,20 @@ def test_bad_folders(real_run, tmp_path, capsys, case):
         assert len(lines) == 2 and 'unfinished' in lines[0]
     else:
         assert len(lines) == 1 and str(folder) in lines[0]
+
+
+def test_2d_to_3d_runs_get_their_own_table_and_a_repeated_seed_is_noted(real_run, tmp_path, capsys):
+    parent = str(tmp_path / 'css')
+    for name, queries, seed, r1 in [('a', '3d', 1, 0.6), ('b', '2d', 1, 0.3), ('c', '2d', 1, 0.4)]:
+        synthetic_run(parent, name, real_run, [metrics_line(4, five(r1))], model='tirg', seed=seed,
+                      css_query_images=queries)
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    titles = [t.splitlines()[0] for t in out.split('### ')[1:]]
+    assert titles[0].startswith('css3d, --css_query_images=2d (')
+    assert titles[1].startswith('css3d, --css_query_images=3d (')
+    # 2D->3D: 30 and 40 -> 35.0 +- 7.1; 3D->3D: 60.
+    assert markdown_row(out, 'tirg', table=0)[0] == '35.0 ± 7.1 (2 runs)'
+    assert markdown_row(out, 'tirg', table=1)[0] == '60.0 (1 run)'
+    (note,) = [line for line in err.splitlines() if line.startswith('note: ')]
+    assert os.path.join(parent, 'c') in note and os.path.join(parent, 'b') in note
