@@ -140,6 +140,18 @@ def join_captions(captions):
     return f'{captions[0]} and {captions[1]}'
 
 
+def caption_examples(triplets):
+    """The VAL protocol's examples and queries: one per non-empty caption (stripped) of each
+    triplet, in file order, caption order within a triplet; each is the triplet with its `text`."""
+    return [dict(t, text=c.strip()) for t in triplets for c in t['captions'] if c.strip()]
+
+
+def val_gallery(examples, category):
+    """The VAL protocol's gallery: the distinct candidates and targets of the category's examples
+    (so of the triplets kept), sorted by name."""
+    return sorted({n for e in examples if e['category'] == category for n in (e['candidate'], e['target'])})
+
+
 def captions_file(root, category, file_split):
     return os.path.join(root, 'captions', f'cap.{category}.{file_split}.json')
 
@@ -202,15 +214,26 @@ def list_image_files(images_dir):
     return files
 
 
+def example_text(example, captions=None):
+    """The modification text of an example: its own caption (val protocol), else the two captions
+    joined, in `captions`' order when given (a training example's drawn order)."""
+    if 'text' in example:
+        return example['text']
+    return join_captions(example['captions'] if captions is None else captions)
+
+
 class FashionIQ(QuietPhotoDataset):
     """FashionIQ triplets of the selected categories (SPEC 2.4).
 
     `imgs` holds one entry per distinct image the split uses (train: the triplets' candidates and
     targets; test: the galleries and the triplets), each captioned by its name, which is what the
-    protocol matches.  `__getitem__(i)` is train triplet i (wrapping around); `__len__` is the
-    number of images, `num_training_examples()` the number of triplets.  Vocabulary texts are the
-    joined captions of every train triplet in the files (test-split objects read the train files
-    when asked), images present or not, so the vocabulary does not depend on the download.
+    protocol matches.  `examples` are what training draws and the test asks: under the `split`
+    protocol the triplets (their two captions joined), under `val` one per non-empty caption
+    (caption_examples).  `__getitem__(i)` is example i (wrapping around); `__len__` is the number
+    of images, `num_training_examples()` the number of examples.  Vocabulary texts: `split`, the
+    joined captions of every train triplet in the files, images present or not, so the vocabulary
+    does not depend on the download; `val`, every caption of a train triplet whose two images
+    exist, as VAL's code builds it (test-split objects read the train files when asked).
     """
 
     def __init__(self, path, split='train', transform=None, categories=CATEGORIES, protocol='split',
@@ -246,24 +269,29 @@ class FashionIQ(QuietPhotoDataset):
             category_triplets = read_triplets(self.path, category, self.file_split)
             names = read_split_names(self.path, category, self.file_split)
             check_triplets_listed(self.path, category, self.file_split, category_triplets, names)
-            if self.split == 'train':
+            if self.split == 'train':  # the val protocol's replace these in _build_index
                 self._vocabulary_texts = (self._vocabulary_texts or []) + [
                     join_captions(t['captions']) for t in category_triplets]
             elif self.protocol == 'split':
                 galleries[category] = list(dict.fromkeys(names))
-            else:
-                galleries[category] = list(dict.fromkeys(
-                    n for t in category_triplets for n in (t['candidate'], t['target'])))
+            else:  # the images of the triplets kept, known once the missing ones are dropped
+                galleries[category] = val_gallery(caption_examples(category_triplets), category)
             triplets += category_triplets
         return triplets, galleries
 
     def _drop_missing(self, triplets, galleries, missing):
         kept = [t for t in triplets if t['candidate'] not in missing and t['target'] not in missing]
-        kept_galleries = {c: [n for n in names if n not in missing] for c, names in galleries.items()}
-        self.skipped = {'missing_images': len(missing),
-                        ('dropped_triplets' if self.split == 'train' else 'dropped_queries'):
-                            len(triplets) - len(kept)}
-        if self.split != 'train':
+        if self.protocol == 'split':
+            kept_galleries = {c: [n for n in names if n not in missing] for c, names in galleries.items()}
+            dropped_queries = len(triplets) - len(kept)
+        else:  # VAL: a triplet is kept when both its images exist, and the gallery is theirs
+            kept_galleries = {c: val_gallery(caption_examples(kept), c) for c in galleries}
+            dropped_queries = len(caption_examples(triplets)) - len(caption_examples(kept))
+        self.skipped = {'missing_images': len(missing)}
+        if self.split == 'train':
+            self.skipped['dropped_triplets'] = len(triplets) - len(kept)
+        else:
+            self.skipped['dropped_queries'] = dropped_queries
             self.skipped['dropped_gallery'] = sum(len(names) for names in galleries.values()) - \
                 sum(len(names) for names in kept_galleries.values())
         report_skipped('FashionIQ', self.split, self.skipped)
@@ -276,64 +304,78 @@ class FashionIQ(QuietPhotoDataset):
                      for n in names]
         self.name_to_id = {n: i for i, n in enumerate(names)}
         self.triplets = triplets
+        self.examples = triplets if self.protocol == 'split' else caption_examples(triplets)
+        if self.split == 'train' and self.protocol == 'val':
+            self._vocabulary_texts = [e['text'] for e in self.examples]
         self.galleries = {c: [self.name_to_id[n] for n in g] for c, g in galleries.items()}
         where = f'{self.path} ({", ".join(self.categories)}, {self.file_split} files)'
         if self.split == 'train':
-            if not triplets:
+            if not self.examples:
                 raise datasets.DatasetError(f'{where}: no training triplet')
             return
         for category in self.categories:
-            if not any(t['category'] == category for t in triplets):
+            if not any(e['category'] == category for e in self.examples):
                 raise datasets.DatasetError(f'{where}: no {category} query left to test')
         self.test_queries = [{
-            'source_img_id': self.name_to_id[t['candidate']], 'source_caption': t['candidate'],
-            'target_img_id': self.name_to_id[t['target']], 'target_caption': t['target'],
-            'mod': {'str': join_captions(t['captions'])}, 'category': t['category']}
-            for t in triplets]
+            'source_img_id': self.name_to_id[e['candidate']], 'source_caption': e['candidate'],
+            'target_img_id': self.name_to_id[e['target']], 'target_caption': e['target'],
+            'mod': {'str': example_text(e)}, 'category': e['category']}
+            for e in self.examples]
 
     def image_file(self, idx):
         return os.path.join(self.path, self.imgs[idx]['file_path'])
 
     def get_all_texts(self):
         if self._vocabulary_texts is None:
-            self._vocabulary_texts = [join_captions(t['captions']) for category in self.categories
-                                      for t in read_triplets(self.path, category, 'train')]
+            triplets = [t for category in self.categories
+                        for t in read_triplets(self.path, category, 'train')]
+            if self.protocol == 'split':
+                self._vocabulary_texts = [join_captions(t['captions']) for t in triplets]
+            else:  # VAL: the captions of the train triplets whose two images exist
+                present = list_image_files(os.path.join(self.path, 'images'))
+                self._vocabulary_texts = [e['text'] for e in caption_examples(
+                    [t for t in triplets if t['candidate'] in present and t['target'] in present])]
         return list(self._vocabulary_texts)
 
     def num_training_examples(self):
-        return len(self.triplets)
+        return len(self.examples)
 
     def __getitem__(self, idx):
-        idx = int(idx) % len(self.triplets)
+        idx = int(idx) % len(self.examples)
         for _ in range(datasets.MAX_REDRAWS):
-            triplet = self.triplets[idx]
-            captions = triplet['captions'] if random.random() < 0.5 else triplet['captions'][::-1]
+            triplet = self.examples[idx]
+            if 'text' in triplet:  # the val protocol: one caption, nothing drawn
+                captions = None
+            else:
+                captions = triplet['captions'] if random.random() < 0.5 else triplet['captions'][::-1]
             source_id, target_id = self.name_to_id[triplet['candidate']], self.name_to_id[triplet['target']]
             try:
                 source_img, target_img = self.get_img(source_id), self.get_img(target_id)
             except datasets.ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                idx = np.random.randint(0, len(self.triplets))
+                idx = np.random.randint(0, len(self.examples))
                 continue
             return {'source_img_id': source_id, 'source_img_data': source_img,
                     'source_caption': triplet['candidate'],
                     'target_img_id': target_id, 'target_img_data': target_img,
                     'target_caption': triplet['target'],
-                    'mod': {'str': join_captions(captions)}}
+                    'mod': {'str': example_text(triplet, captions)}}
         raise datasets.DatasetError(f'{self.path}: {datasets.MAX_REDRAWS} training examples in a '
                                     f'row had an unreadable image (last: {last_error.path})')
 
     def summary(self):
+        examples = '' if self.protocol == 'split' else f', {len(self.examples)} captions'
         return (f'FashionIQ {self.split} ({", ".join(self.categories)}; protocol {self.protocol}): '
-                f'{len(self.imgs)} images, {len(self.triplets)} triplets, '
+                f'{len(self.imgs)} images, {len(self.triplets)} triplets{examples}, '
                 f'{len(self.test_queries)} test queries')
 
 
 def evaluate(model, dataset, batch_size, num_workers=0):
     """[(metric name, recall)] of the FashionIQ test (SPEC 2.4): features are computed once for
-    every query and every image (each test image is in a gallery: a triplet's names are in the
-    split file); each category ranks its queries against its own gallery, the candidate included."""
+    every query and every image (each test image is in a gallery or a query); each category ranks
+    its queries against its own gallery.  The `split` protocol keeps the candidate in the ranking;
+    `val` scores it below every other image, as VAL's code sets its distance to infinity."""
     queries = dataset.get_test_queries()
     with evaluation_mode(model):
         query_features = normalized(test_retrieval.compute_query_features(
@@ -344,8 +386,13 @@ def evaluate(model, dataset, batch_size, num_workers=0):
     for category in dataset.categories:
         query_rows = [i for i, q in enumerate(queries) if q['category'] == category]
         category_ids = dataset.galleries[category]
+        exclude = None
+        if dataset.protocol == 'val':
+            position = {idx: i for i, idx in enumerate(category_ids)}
+            exclude = torch.tensor([position[queries[i]['source_img_id']] for i in query_rows],
+                                   device=query_features.device)
         neighbours = test_retrieval.nearest_neighbours(
-            query_features[query_rows], gallery_features[category_ids],
+            query_features[query_rows], gallery_features[category_ids], exclude,
             k=max(RECALL_KS))
         recalls = test_retrieval.recalls_at_k(
             neighbours, [dataset.imgs[i]['captions'][0] for i in category_ids],

@@ -5,6 +5,7 @@ import random
 import re
 import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,15 +25,17 @@ def stand_in(dataset, query_scores=None):
 
 
 def per_query_gallery(layout, category, protocol):
-    """SPEC 2.4: the split file's names, or the triplets' names in order of first appearance."""
+    """SPEC 2.4: the split file's names, or the triplets' names sorted."""
     if protocol == 'split':
         return layout[category]['split_val']
-    return list(dict.fromkeys(n for t in layout[category]['val'] for n in (t['candidate'], t['target'])))
+    return sorted({n for t in layout[category]['val'] for n in (t['candidate'], t['target'])})
 
 
 def per_query_recalls(model, layout, categories, protocol, ks=(10, 50)):
     """The SPEC 2.4 test written out: for each category, each val triplet in file order, a full
-    sort of the category's gallery with the candidate in it."""
+    sort of the category's gallery with the candidate in it (split protocol); or val_recalls."""
+    if protocol == 'val':
+        return val_recalls(model, layout, categories, ks=ks)
     metrics = {}
     for category in categories:
         triplets = layout[category]['val']
@@ -45,6 +48,41 @@ def per_query_recalls(model, layout, categories, protocol, ks=(10, 50)):
                 hits[k] += t['target'] in ranking[:k]
         for k in ks:
             metrics[f'recall_top{k}_{category}'] = hits[k] / len(triplets)
+    for k in ks:
+        metrics[f'recall_top{k}_mean'] = sum(metrics[f'recall_top{k}_{c}'] for c in categories) / len(categories)
+    metrics['recall_mean'] = (metrics['recall_top10_mean'] + metrics['recall_top50_mean']) / 2
+    return metrics
+
+
+def val_recalls(model, layout, categories, present=None, ks=(10, 50)):
+    """--fiq_protocol=val as SPEC 2.4 reads, one query at a time in numpy, as VAL's test_val.py
+    does it: keep a triplet only when both its images are `present` (default: all); every
+    non-empty caption (stripped) of a kept triplet is a query, in file order; the gallery is the
+    kept triplets' distinct candidates and targets, sorted by name; squared L2 distances of the
+    L2-normalised features, the candidate's set to infinity, then a full argsort."""
+    metrics = {}
+    for category in categories:
+        kept = [t for t in layout[category]['val']
+                if present is None or (t['candidate'] in present and t['target'] in present)]
+        queries = []
+        for t in kept:
+            for caption in t['captions']:
+                if caption.strip() != '':
+                    queries.append((t['candidate'], caption.strip(), t['target']))
+        gallery = sorted(set([t['candidate'] for t in kept] + [t['target'] for t in kept]))
+        images = np.stack([model.image_vector(n).double().numpy() for n in gallery])
+        images = images / np.linalg.norm(images, axis=1, keepdims=True)
+        hits = np.zeros(len(ks))
+        for candidate, text, target in queries:
+            query = model.query_vector(candidate, text).double().numpy()
+            query = query / np.linalg.norm(query)
+            distances = np.sum((query[np.newaxis, :] - images) ** 2, axis=1)
+            distances[gallery.index(candidate)] = np.inf
+            rank = np.argsort(distances)
+            position = np.where(rank == gallery.index(target))[0][0]
+            hits += np.array([position < k for k in ks])
+        for k, count in zip(ks, hits):
+            metrics[f'recall_top{k}_{category}'] = count / len(queries)
     for k in ks:
         metrics[f'recall_top{k}_mean'] = sum(metrics[f'recall_top{k}_{c}'] for c in categories) / len(categories)
     metrics['recall_mean'] = (metrics['recall_top10_mean'] + metrics['recall_top50_mean']) / 2
@@ -377,3 +415,157 @@ def test_main_reports_bad_annotations_as_one_line_without_traceback(tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0] == f'main.py: error: {cap_file(root)} entry 3: missing field "target"'
     assert 'Traceback' not in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# --fiq_protocol=val: VAL's released code (SPEC 2.4)
+
+def val_layout():
+    """Dress: 80 val triplets over 70 names (a gallery past 50, so both recalls and the
+    candidate's exclusion matter), with an empty caption, a blank one and captions with
+    surrounding white space; shirt and toptee as fiq_layout, with a spaced caption each."""
+    layout = fiq_layout({'dress': 72, 'shirt': 14, 'toptee': 14}, seed=3)
+    rng = np.random.RandomState(4)
+    names = layout['dress']['split_val'][:70]
+    layout['dress']['val'] = [triplet('dress', i, *rng.choice(names, 2, replace=False)) for i in range(80)]
+    val = layout['dress']['val']
+    val[0]['captions'] = ['', ' dress second 0 ']
+    val[1]['captions'] = ['  dress first 1', '   ']
+    val[2]['captions'] = ['dress first 2\t', '\ndress second 2']
+    val[10].update(candidate='dress_v70', target='dress_v71')  # the only triplet of both images
+    for category in ('shirt', 'toptee'):
+        layout[category]['val'][3]['captions'][1] = f'  {category} second 3  '
+    return layout
+
+
+def val_scores(layout):
+    """Queries whose target follows the candidate right at the 10th or 50th place: a hit only
+    when the candidate is ranked last.  Keyed by the stripped text: an unstripped one scores at
+    random."""
+    val = layout['dress']['val']
+    scores = {}
+    for i, k in ((0, 10), (1, 10), (2, 50), (4, 10), (5, 50), (6, 10)):
+        t = val[i]
+        others = [n for n in sorted({n for u in val for n in (u['candidate'], u['target'])})
+                  if n not in (t['candidate'], t['target'])]
+        text = [c.strip() for c in t['captions'] if c.strip()][-1]
+        scores[(t['candidate'], text)] = ranked(*others[:k - 1], t['candidate'], t['target'])
+    return scores
+
+
+@pytest.fixture(scope='module')
+def val_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('fiq_val')
+    write_fiq(str(root), val_layout())
+    return root
+
+
+def test_val_protocol_recalls_equal_a_per_query_numpy_implementation_of_vals_code(val_root):
+    layout = val_layout()
+    dataset = load(val_root, protocol='val')
+    model = stand_in(dataset, val_scores(layout))
+    metrics = fashioniq.evaluate(model, dataset, batch_size=16)
+    expected = val_recalls(model, layout, fashioniq.CATEGORIES)
+    assert [name for name, _ in metrics] == list(expected)
+    assert dict(metrics) == pytest.approx(expected)
+    assert len(fashioniq.val_gallery(fashioniq.caption_examples(dataset.triplets), 'dress')) > 50
+    assert 0 < expected['recall_top10_dress'] < expected['recall_top50_dress'] < 1
+    # The designed queries alone: four targets 10th and two 50th once the candidate is ranked
+    # last (with the candidate kept they would be 11th and 51st).
+    dress = load(val_root, categories=['dress'], protocol='val')
+    scores = val_scores(layout)
+    dress.test_queries = [q for q in dress.test_queries if (q['source_caption'], q['mod']['str']) in scores]
+    assert len(dress.test_queries) == 6
+    designed = dict(fashioniq.evaluate(stand_in(dress, scores), dress, batch_size=16))
+    assert (designed['recall_top10_dress'], designed['recall_top50_dress']) == pytest.approx((4 / 6, 1.0))
+
+
+def test_val_protocol_queries_are_each_non_empty_stripped_caption_in_file_order(val_root):
+    layout = val_layout()
+    dataset = load(val_root, categories=['dress', 'toptee'], protocol='val')
+    expected = [(t['candidate'], c.strip(), t['target'], category)
+                for category in ('dress', 'toptee') for t in layout[category]['val']
+                for c in t['captions'] if c.strip()]
+    got = [(q['source_caption'], q['mod']['str'], q['target_caption'], q['category'])
+           for q in dataset.get_test_queries()]
+    assert got == expected
+    assert len(got) == 2 * (80 + 10) - 2  # one empty and one blank caption dropped
+    assert got[:4] == [(expected[0][0], 'dress second 0', expected[0][2], 'dress'),
+                       (expected[1][0], 'dress first 1', expected[1][2], 'dress'),
+                       (expected[2][0], 'dress first 2', expected[2][2], 'dress'),
+                       (expected[3][0], 'dress second 2', expected[3][2], 'dress')]
+    for q in dataset.get_test_queries():
+        assert dataset.imgs[q['source_img_id']]['captions'] == [q['source_caption']]
+        assert dataset.imgs[q['target_img_id']]['captions'] == [q['target_caption']]
+    for category in ('dress', 'toptee'):
+        names = [dataset.imgs[i]['captions'][0] for i in dataset.galleries[category]]
+        assert names == sorted({n for t in layout[category]['val'] for n in (t['candidate'], t['target'])})
+
+
+def test_val_protocol_trains_on_each_caption_without_drawing(tmp_path):
+    layout = val_layout()
+    layout['shirt']['train'][1]['captions'] = ['', ' spaced shirt ']
+    write_fiq(str(tmp_path), layout)
+    dataset = load(tmp_path, 'train', categories=['shirt', 'dress'], protocol='val')
+    expected = [(t['candidate'], c.strip(), t['target']) for category in ('shirt', 'dress')
+                for t in layout[category]['train'] for c in t['captions'] if c.strip()]
+    assert len(expected) == 2 * 12 - 1
+    assert dataset.num_training_examples() == len(expected)
+    states = random.getstate(), np.random.get_state()[1].tolist()
+    examples = [dataset[i] for i in range(2 * len(expected))]
+    assert (random.getstate(), np.random.get_state()[1].tolist()) == states  # nothing drawn
+    assert [(e['source_caption'], e['mod']['str'], e['target_caption']) for e in examples] == expected * 2
+    assert examples[2]['mod']['str'] == 'spaced shirt'
+    # The vocabulary: every kept train caption, for the train and the test split alike.
+    assert dataset.get_all_texts() == [text for _, text, _ in expected]
+    assert load(tmp_path, categories=['shirt', 'dress'], protocol='val').get_all_texts() == \
+        [text for _, text, _ in expected]
+
+
+def test_val_protocol_keeps_triplets_whose_two_images_exist_and_their_gallery(tmp_path, capsys):
+    layout = val_layout()
+    val = layout['dress']['val']
+    # The candidate of the triplet that goes appears in no other: it leaves the gallery too,
+    # though it exists.
+    missing = 'dress_v71'
+    write_fiq(str(tmp_path), layout, missing=[missing])
+    with pytest.raises(datasets.DatasetError, match='--skip_missing_images'):
+        load(tmp_path, categories=['dress'], protocol='val')
+    dataset = load(tmp_path, categories=['dress'], protocol='val', skip_missing_images=True)
+    present = set(layout['dress']['split_val']) - {missing}
+    kept = [t for t in val if missing not in (t['candidate'], t['target'])]
+    gallery = sorted({n for t in kept for n in (t['candidate'], t['target'])})
+    full = sorted({n for t in val for n in (t['candidate'], t['target'])})
+    assert [dataset.imgs[i]['captions'][0] for i in dataset.galleries['dress']] == gallery
+    assert 'dress_v70' in full and 'dress_v70' not in gallery
+    dropped = [t for t in val if t not in kept]
+    assert dataset.skipped == {'missing_images': 1,
+                               'dropped_queries': sum(1 for t in dropped for c in t['captions'] if c.strip()),
+                               'dropped_gallery': len(full) - len(gallery)}
+    assert 'missing images 1' in capsys.readouterr().out
+    model = stand_in(dataset, val_scores(layout))
+    assert dict(fashioniq.evaluate(model, dataset, batch_size=16)) == \
+        pytest.approx(val_recalls(model, layout, ['dress'], present=present))
+    # The vocabulary leaves out the train triplets that lack an image.
+    train_missing = layout['dress']['train'][2]['candidate']
+    os.remove(os.path.join(str(tmp_path), 'images', train_missing + '.png'))
+    train = load(tmp_path, 'train', categories=['dress'], protocol='val', skip_missing_images=True)
+    expected = [c.strip() for t in layout['dress']['train']
+                if train_missing not in (t['candidate'], t['target']) for c in t['captions'] if c.strip()]
+    assert train.get_all_texts() == expected
+    assert load(tmp_path, categories=['dress'], protocol='val',
+                skip_missing_images=True).get_all_texts() == expected
+
+
+def test_val_protocol_triplet_without_a_caption_gives_no_query_nor_gallery_image(tmp_path):
+    """SPEC 2.4 leaves this open; VAL's code writes one line per non-empty caption and builds its
+    gallery from those lines, so such a triplet's images are in the gallery only through others."""
+    names = [f'dress_v{i}' for i in range(6)]
+    triplets = [triplet('dress', 0, 'dress_v0', 'dress_v1'), triplet('dress', 1, 'dress_v4', 'dress_v5'),
+                triplet('dress', 2, 'dress_v1', 'dress_v2')]
+    triplets[1]['captions'] = ['', '  ']
+    one_category_root(tmp_path, triplets, names)
+    dataset = load(tmp_path, categories=['dress'], protocol='val')
+    assert [dataset.imgs[i]['captions'][0] for i in dataset.galleries['dress']] == \
+        ['dress_v0', 'dress_v1', 'dress_v2']
+    assert [q['source_caption'] for q in dataset.get_test_queries()] == ['dress_v0'] * 2 + ['dress_v1'] * 2
