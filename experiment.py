@@ -81,15 +81,18 @@ DATASET_CLASSES = {
 
 
 def add_photo_benchmark_flags(parser, category_default, category_help, shoes_protocol_default='val',
-                              shoes_protocol_help='(default: %(default)s)'):
+                              shoes_protocol_help='(default: %(default)s)', fiq_protocol_default='split',
+                              fiq_protocol_help='(default: %(default)s)'):
     """--fiq_category, --fiq_protocol, --shoes_protocol and --skip_missing_images, as main.py and
     retrieve.py take them (some defaults and meanings differ: a run's, or a checkpoint's)."""
     parser.add_argument('--fiq_category', type=str, default=category_default,
                         choices=['dress', 'shirt', 'toptee', 'all'], help=category_help)
-    parser.add_argument('--fiq_protocol', type=str, default='split', choices=['split', 'val'],
-                        help="FashionIQ test gallery: 'split' (every image of split.<category>."
-                             "val.json) or 'val' (the images of the val triplets, as the VAL paper) "
-                             "(default: %(default)s)")
+    parser.add_argument('--fiq_protocol', type=str, default=fiq_protocol_default, choices=['split', 'val'],
+                        help="FashionIQ examples, queries and gallery: 'split' (a triplet's two "
+                             "captions joined; gallery = every image of split.<category>.val.json, "
+                             "the candidate kept, as CoSMo and CLIP4Cir) or 'val' (VAL's code: one "
+                             "example or query per caption of the triplets whose two images exist; "
+                             "gallery = those images, the candidate ranked last) " + fiq_protocol_help)
     parser.add_argument('--shoes_protocol', type=str, default=shoes_protocol_default,
                         choices=['val', 'unique'],
                         help="Shoes triplets and gallery: 'val' (every triplet touching each "
@@ -182,20 +185,23 @@ def create_model(opt, texts, vocab=None):
 
 
 def adopt_checkpoint_dataset(opt, ckpt, path):
-    """--dataset, --dataset_path (and the dataset's own flags) from the checkpoint's options unless
-    given.  A dataset folder that is not here is an error, never another dataset in its place."""
+    """--dataset, --dataset_path and, on the checkpoint's own dataset, that dataset's flags
+    (--fiq_category, --fiq_protocol, ...) from the checkpoint's options unless given.  A dataset
+    folder that is not here is an error, never another dataset in its place."""
     saved = ckpt.get('opt')
-    if 'dataset' in opt.explicit_flags or not hasattr(saved, 'dataset'):
+    if not hasattr(saved, 'dataset'):
         return
-    if 'dataset_path' in opt.explicit_flags:
+    if 'dataset' not in opt.explicit_flags:
+        if 'dataset_path' not in opt.explicit_flags:
+            saved_path = getattr(saved, 'dataset_path', None)
+            if not saved_path or not os.path.isdir(saved_path):
+                raise UserError(f'{path}: its dataset folder {saved_path!r} is not here; give '
+                                f'--dataset_path=DIR (and --dataset)')
+            opt.dataset_path = os.path.abspath(saved_path)
         opt.dataset = saved.dataset
+    if opt.dataset != saved.dataset:
         return
-    saved_path = getattr(saved, 'dataset_path', None)
-    if not saved_path or not os.path.isdir(saved_path):
-        raise UserError(f'{path}: its dataset folder {saved_path!r} is not here; give '
-                        f'--dataset_path=DIR (and --dataset)')
-    opt.dataset, opt.dataset_path = saved.dataset, os.path.abspath(saved_path)
-    for name in ('fiq_category', 'f200k_label_order', 'shoes_protocol'):
+    for name in ('fiq_category', 'fiq_protocol', 'f200k_label_order', 'shoes_protocol'):
         if name not in opt.explicit_flags and hasattr(saved, name):
             setattr(opt, name, getattr(saved, name))
 

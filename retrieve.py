@@ -5,10 +5,11 @@
     python retrieve.py --checkpoint=... --dataset_path=DIR --query_index=123      # a test query
 
 The gallery is every image of --split (default test), ranked as that dataset's retrieval test
-ranks it: a FashionIQ test query against its category's gallery with the candidate kept, every
-other test query with its source image left out (Shoes' test images are its --shoes_protocol's
-gallery).  The gallery's features are computed once and
-cached on disk, so later queries against the same checkpoint and split take a second or so.
+ranks it: a FashionIQ test query against its category's gallery (the candidate kept under
+--fiq_protocol=split, left out under val), every other test query with its source image left out
+(Shoes' test images are its --shoes_protocol's gallery).  The gallery's features are computed
+once and cached on disk, so later queries against the same checkpoint and split take a second or
+so.
 """
 import argparse
 import contextlib
@@ -62,7 +63,8 @@ def get_args_parser():
                         'val files; test1: CIRR\'s test1, whose queries have no known target)')
     experiment.add_photo_benchmark_flags(
         p, None, "FashionIQ categories in the gallery (default: the checkpoint's, else all)",
-        shoes_protocol_default=None, shoes_protocol_help="(default: the checkpoint's, else val)")
+        shoes_protocol_default=None, shoes_protocol_help="(default: the checkpoint's, else val)",
+        fiq_protocol_default=None, fiq_protocol_help="(default: the checkpoint's, else split)")
     p.add_argument('--css_query_images', type=str, default=None, choices=['3d', '2d'],
                    help="CSS: test queries' source images (--query_index): '3d' the PNGs or '2d' "
                         "the 2D drawings (2D->3D); the gallery is the PNGs either way (default: "
@@ -81,8 +83,8 @@ def get_args_parser():
                        help="the N-th test query of --split (from 0): its source image and text, "
                             "and its known target, ranked as the retrieval test ranks it (the "
                             "source image left out; FashionIQ: its category's gallery, the "
-                            "candidate kept; CIRR: its image set ranked as well; Shoes: its "
-                            "protocol's gallery)")
+                            "candidate kept under --fiq_protocol=split; CIRR: its image set "
+                            "ranked as well; Shoes: its protocol's gallery)")
     p.add_argument('--topk', type=int, default=10,
                    help=f'number of results (default: 10); the --out picture shows the first '
                         f'{MAX_DRAWN}, {retrieval_grid.MAX_COLUMNS} to a line')
@@ -151,6 +153,8 @@ def adopt_checkpoint_dataset(opt, ckpt):
         opt.fiq_category = getattr(saved, 'fiq_category', 'all') if saved_dataset == opt.dataset else 'all'
     if opt.shoes_protocol is None:
         opt.shoes_protocol = getattr(saved, 'shoes_protocol', 'val') if saved_dataset == opt.dataset else 'val'
+    if opt.fiq_protocol is None:
+        opt.fiq_protocol = getattr(saved, 'fiq_protocol', 'split') if saved_dataset == opt.dataset else 'split'
     if opt.split == 'test1' and opt.dataset != 'cirr':
         raise experiment.UserError(f'--split=test1: only CIRR has a test1 split (the dataset here '
                                    f'is {opt.dataset})')
@@ -355,7 +359,7 @@ def query_from_file(opt, dataset):
     source = image_files(dataset).get(os.path.realpath(opt.query_img))
     if source is not None and keeps_source(dataset):
         print(f'The query image is gallery image {source}: kept in the results, as in the '
-              f'FashionIQ protocol', file=sys.stderr)
+              f'FashionIQ split protocol', file=sys.stderr)
     elif source is not None:
         print(f'The query image is gallery image {source}: left out of the results, as in the '
               f'retrieval protocol', file=sys.stderr)
@@ -376,9 +380,10 @@ def query_feature(model, dataset, query):
 
 
 def keeps_source(dataset):
-    """FashionIQ's protocol ranks the candidate with the rest of its gallery (SPEC 2.4); every
-    other dataset's leaves the query's source image out."""
-    return isinstance(dataset, fashioniq.FashionIQ)
+    """FashionIQ's split protocol ranks the candidate with the rest of its gallery (SPEC 2.4);
+    its val protocol (VAL's code ranks the candidate last) and every other dataset's leave the
+    query's source image out."""
+    return isinstance(dataset, fashioniq.FashionIQ) and dataset.protocol == 'split'
 
 
 def protocol_gallery(dataset, query):

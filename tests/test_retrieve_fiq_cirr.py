@@ -1,5 +1,6 @@
 """retrieve.py on FashionIQ and CIRR (issue 11): a test query is ranked as the dataset's retrieval
-test ranks it (FashionIQ: its category's gallery, the candidate kept; CIRR: every image of the
+test ranks it (FashionIQ: its category's gallery, the candidate kept under the split protocol
+and left out under val; CIRR: every image of the
 split but the reference, plus the image-set ranking), checked against a straightforward
 per-query ranking computed here with the model's own modules."""
 import argparse
@@ -60,11 +61,13 @@ def fiq(tmp_path_factory):
 
 
 @pytest.mark.parametrize('protocol', ['split', 'val'])
-def test_a_fashioniq_query_ranks_its_category_gallery_with_the_candidate(fiq, capsys, protocol):
+def test_a_fashioniq_query_ranks_its_category_gallery_as_its_protocol_does(fiq, capsys, protocol):
+    """split: the candidate ranked with the others; val: one query per caption, the candidate
+    left out (VAL's code ranks it last)."""
     root, ckpt, model, _ = fiq
     testset = fashioniq.FashionIQ(root, 'test', datasets.photo_transform(), protocol=protocol)
     queries = testset.get_test_queries()
-    n = next(i for i, q in enumerate(queries) if q['category'] == 'shirt')
+    n = next(i for i, q in enumerate(queries) if q['category'] == 'shirt') + 1
     q = queries[n]
     gallery = testset.galleries['shirt']
     # Dataset and category come from the checkpoint; 100 results is more than the gallery holds.
@@ -72,13 +75,36 @@ def test_a_fashioniq_query_ranks_its_category_gallery_with_the_candidate(fiq, ca
                                    f'--fiq_protocol={protocol}', '--loader_num_workers=0'], capsys)
     assert code == 0, err
     assert f'test query {n} of the test split (shirt)' in out
+    shirt = fiq_layout()['shirt']['val']
+    if protocol == 'split':
+        assert f'text "{shirt[1]["captions"][0]} and {shirt[1]["captions"][1]}"' in out
+        ranked = gallery
+    else:
+        assert f'text "{shirt[0]["captions"][1]}"' in out  # the second query: one caption
+        ranked = [i for i in gallery if i != q['source_img_id']]
     lines = ranked_lines(out)
-    assert len(lines) == len(gallery) == (14 if protocol == 'split' else len(
-        {name for t in testset.triplets if t['category'] == 'shirt' for name in (t['candidate'], t['target'])}))
-    expected = straightforward_ranking(model, testset, q['source_img_id'], q['mod']['str'], gallery)
+    assert len(lines) == len(ranked) == (14 if protocol == 'split' else len(
+        {name for t in shirt for name in (t['candidate'], t['target'])}) - 1)
+    expected = straightforward_ranking(model, testset, q['source_img_id'], q['mod']['str'], ranked)
     assert_same_ranking(lines, expected, testset)
-    assert q['source_caption'] in [line.caption for line in lines]  # the candidate is ranked too
+    assert (q['source_caption'] in [line.caption for line in lines]) == (protocol == 'split')
     assert [line.caption for line in lines if line.target] == [q['target_caption']]
+
+
+def test_a_val_protocol_checkpoint_is_ranked_by_its_protocol(fiq, capsys, tmp_path):
+    root, _, _, _ = fiq
+    trainset = fashioniq.FashionIQ(root, 'train', datasets.photo_transform(), categories=['toptee'],
+                                   protocol='val')
+    ckpt = str(tmp_path / 'val.pth')
+    save_tirg_checkpoint(ckpt, 'fashioniq', root, trainset, fiq_category='toptee', fiq_protocol='val')
+    code, out, err = run_retrieve([f'--checkpoint={ckpt}', '--query_index=3', '--topk=100',
+                                   '--loader_num_workers=0', '--no_cache'], capsys)
+    assert code == 0, err
+    toptee = fiq_layout()['toptee']['val']
+    assert f'test query 3 of the test split (toptee)' in out and f'text "{toptee[1]["captions"][1]}"' in out
+    names = {name for t in toptee for name in (t['candidate'], t['target'])}
+    assert len(ranked_lines(out)) == len(names) - 1
+    assert toptee[1]['candidate'] not in [line.caption for line in ranked_lines(out)]
 
 
 def test_a_fashioniq_gallery_file_as_query_is_kept_and_the_cache_is_per_protocol(fiq, capsys, tmp_path):
@@ -89,7 +115,7 @@ def test_a_fashioniq_gallery_file_as_query_is_kept_and_the_cache_is_per_protocol
             f'--cache_dir={tmp_path}']
     code, out, err = run_retrieve(args, capsys)
     assert code == 0, err
-    assert 'kept in the results, as in the FashionIQ protocol' in err
+    assert 'kept in the results, as in the FashionIQ split protocol' in err
     lines = ranked_lines(out)
     assert len(lines) == len(testset.imgs)  # a file query ranks every image of the split
     assert 'dress_v7' in [line.caption for line in lines]
