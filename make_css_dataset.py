@@ -626,6 +626,17 @@ def remove_interrupted_runs(out_dir, log):
             + (' (it holds other files: kept)' if os.path.exists(path) else ''))
 
 
+def others_in(out_dir):
+    """The entries of out_dir (and of its images/ folder) that are not this script's."""
+    names = [n for n in sorted(os.listdir(out_dir)) if n not in (MANIFEST, 'images')]
+    images = os.path.join(out_dir, 'images')
+    if os.path.isdir(images):
+        names += [os.path.join('images', n) for n in sorted(os.listdir(images))]
+    elif os.path.lexists(images):
+        names.append('images')
+    return names
+
+
 def move_into_place(staging, out_dir, files, overwrite, log):
     """Rename the staging folder to out_dir when that is new or empty, else replace the files
     of an earlier run in it one by one (the record first: any file present that matches it is
@@ -640,6 +651,9 @@ def move_into_place(staging, out_dir, files, overwrite, log):
     remove_files(out_dir, old_files)
     if old_files:
         log(f'removed the {len(old_files)} files of the dataset make_css_dataset.py wrote earlier')
+    kept = others_in(out_dir)
+    if kept:
+        log(f'kept what it did not write ({_preview(kept)})')
     for name in [MANIFEST] + sorted(files):
         os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))

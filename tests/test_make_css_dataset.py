@@ -329,7 +329,7 @@ def test_overwrite_refuses_files_it_did_not_write(tmp_path):
     assert len(os.listdir(os.path.join(root, 'images'))) == 18
 
 
-def test_overwrite_replaces_exactly_its_own_files(tmp_path):
+def test_overwrite_replaces_exactly_its_own_files(tmp_path, capsys):
     root = str(tmp_path / 'synth')
     mcd.generate_css_dataset(root, base_scenes=4, seed=0, pngs=True, mods_per_split=4, verbose=False)
     pngs = sorted(os.listdir(os.path.join(root, 'images')))
@@ -337,8 +337,9 @@ def test_overwrite_replaces_exactly_its_own_files(tmp_path):
         f.write('mine')
     with open(os.path.join(root, 'images', 'other.png'), 'wb') as f:
         f.write(b'not a css image: kept')
-    mcd.generate_css_dataset(root, base_scenes=4, seed=1, mods_per_split=4, verbose=False,
+    mcd.generate_css_dataset(root, base_scenes=4, seed=1, mods_per_split=4, verbose=True,
                              overwrite=True)
+    assert 'kept what it did not write (2 entries: notes.txt, images/other.png)' in capsys.readouterr().out
     assert load(root) != {}  # the new data, without PNGs
     assert sorted(os.listdir(os.path.join(root, 'images'))) == ['other.png']
     assert open(os.path.join(root, 'notes.txt')).read() == 'mine'
