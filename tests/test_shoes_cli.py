@@ -160,6 +160,12 @@ def test_resume_tensorboard_and_a_changed_protocol(tmp_path, capsys):
     ckpt = torch.load(checkpoint, weights_only=False)
     assert ckpt['it'] == 4 and ckpt['opt'].shoes_protocol == 'unique'
     assert 'Shoes test (protocol unique)' in resumed.stdout
+    # The data moved: --dataset and --dataset_path given, the protocol still the run's.
+    moved = tmp_path / 'moved'
+    os.rename(root, moved)
+    _, results = run_test_only(tmp_path, capsys, checkpoint, 'shoes_moved', '--dataset=shoes',
+                               f'--dataset_path={moved}')
+    assert results['shoes_protocol'] == 'unique' and results['it'] == 4
     scalars = read_scalars(run_dir)
     # The first session's final test at 2; the resumed one's start of epoch 1 (8 triplets,
     # batches of 4) at 2 again, as the reference tests every third epoch start; its final at 4.
