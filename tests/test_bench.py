@@ -37,6 +37,9 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     line('loss batch 32 ', 'speed-up')
     line('loss batch 128 ', 'speed-up')
     line('train iteration batch 4 ', 'overhead')
+    line('backbones train iteration batch 4 (TIRG, 2x4 images 64x64, ', 'ResNet-50/ResNet-18')
+    line('backbones feature extraction batch 4 (64x64, ', 'ResNet-50/ResNet-18')
+    line('backbones parameters (TIRG, embed_dim 512): ResNet-18 ', 'ResNet-50/ResNet-18')
     assert len(line('data ', 'speed-up|s at the best rate|on vs off')) >= 4
     assert any(re.match(r'pixels fast_decode vs exact: mean \|difference\| = \d+\.\d+', x) for x in lines)
     # 8 generated images, 2 triplets each (FashionIQ: 2 more, one per other category's file).
@@ -51,6 +54,13 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert 0 < results['retrieval']['recalls']['recall_top1_correct_composition'] < 1
     assert set(results['loss']) >= {'32', '128'}
     assert results['train']['overhead'] > 0
+    backbones = results['backbones']
+    assert backbones['train_ratio'] == pytest.approx(
+        backbones['resnet50']['train_mean_s'] / backbones['resnet18']['train_mean_s'])
+    assert backbones['extract_ratio'] > 0
+    # ResNet-50's layers less ResNet-18's (23,508,032 - 11,176,512), and fc 2048 -> 512 for 512 -> 512.
+    parameters = backbones['parameters']
+    assert parameters['resnet50'] - parameters['resnet18'] == 12331520 + 1536 * 512
     assert results['data']['fast_decode_on']['workers_0_img_per_s'] > 0
     for name in ('fashioniq', 'cirr', 'shoes'):
         assert results['data'][name]['workers_2_triplets_per_s'] > 0
