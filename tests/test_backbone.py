@@ -22,6 +22,7 @@ LAYOUT_CANDIDATES = [
 ]
 MODEL_NAMES = ['imgonly', 'textonly', 'concat', 'tirg', 'tirg_lastconv']
 TEXTS = ['make top-left red cube blue', 'add small gray sphere', 'remove it']
+ADJECTIVES = ['ripe', 'sliced', 'wet']
 E = 8
 # 64 px images and a 4-scene CSS tree keep ResNet-50 cheap on a CPU.
 R50 = ['--dataset=css3d', '--batch_size=4', f'--embed_dim={E}', '--loader_num_workers=0',
@@ -43,36 +44,58 @@ def one_line_error(result, expected):
 # ---------------------------------------------------------------------------------------------
 # The models
 
-def test_every_model_on_resnet50_has_a_2048_to_E_fc_and_composers_at_E():
-    for name in MODEL_NAMES:
-        torch.manual_seed(0)
-        model = itcm.MODELS[name](TEXTS, E, pretrained=False, backbone='resnet50')
-        state = model.state_dict()
-        assert model.backbone == 'resnet50' and model.img_channels == 2048
-        assert model.img_model.fc[0].in_features == 2048  # what composers reading layer4 use
-        assert state['img_model.fc.0.weight'].shape == (E, 2048)
-        # ResNet-50's bottleneck blocks: 3, 4, 6, 3 of them, 1x1 convs around the 3x3.
-        assert state['img_model.layer1.0.conv3.weight'].shape == (256, 64, 1, 1)
-        assert state['img_model.layer3.5.conv1.weight'].shape == (256, 1024, 1, 1)
-        assert state['img_model.layer4.2.bn3.weight'].shape == (2048,)
-        assert 'img_model.layer4.3.conv1.weight' not in state
-        # Outside the image encoder (and tirg_lastconv's map composers) the ResNet-18 layout.
-        torch.manual_seed(0)
-        small = itcm.MODELS[name](TEXTS, E, pretrained=False).state_dict()
-        others = {k: tuple(v.shape) for k, v in state.items()
-                  if not k.startswith(('img_model.', 'mod2d'))}
-        assert others == {k: tuple(v.shape) for k, v in small.items()
-                          if not k.startswith(('img_model.', 'mod2d'))}
-        if name == 'tirg_lastconv':
-            for composer in ('mod2d', 'mod2d_gate'):
-                assert state[f'{composer}.0.weight'].shape == (2048 + E,)
-                assert state[f'{composer}.1.weight'].shape == (2048 + E, 2048 + E, 3, 3)
-                assert state[f'{composer}.3.weight'].shape == (2048, 2048 + E, 3, 3)
-        model.eval()
-        with torch.no_grad():
-            imgs = torch.randn(2, 3, 64, 48)
-            assert model.compose_img_text(imgs, TEXTS[:2]).shape == (2, E)
-            assert model.extract_img_feature(imgs).shape == (2, E)
+# Shapes that follow the layer4 map's C channels (2048 here), beyond img_model.
+RESNET50_MAP_SHAPES = {
+    'tirg_lastconv': {'mod2d.0.weight': (2048 + E,), 'mod2d.1.weight': (2048 + E, 2048 + E, 3, 3),
+                      'mod2d.3.weight': (2048, 2048 + E, 3, 3), 'mod2d_gate.0.weight': (2048 + E,),
+                      'mod2d_gate.1.weight': (2048 + E, 2048 + E, 3, 3),
+                      'mod2d_gate.3.weight': (2048, 2048 + E, 3, 3)},
+    'relationship': {'g.0.weight': (512, 2 * (2048 + 2) + E)},
+    'film': {'film_generator.weight': (2 * 2048, E), 'block_conv1.weight': (2048, 2048, 1, 1),
+             'block_conv2.weight': (2048, 2048, 3, 3), 'block_bn.running_var': (2048,)},
+}
+
+
+@pytest.fixture(scope='module')
+def lastconv50():
+    """tirg_lastconv on ResNet-50: 175 M parameters, built once."""
+    torch.manual_seed(1)
+    return itcm.TIRGLastConv(TEXTS, E, pretrained=False, backbone='resnet50')
+
+
+@pytest.mark.parametrize('name', sorted(itcm.MODELS))
+def test_every_model_on_resnet50_has_a_2048_to_E_fc_and_composers_at_E(name, request):
+    texts = ADJECTIVES if name == 'attribute_operator' else TEXTS  # it composes single words
+    torch.manual_seed(0)
+    model = (request.getfixturevalue('lastconv50') if name == 'tirg_lastconv' else
+             itcm.MODELS[name](texts, E, pretrained=False, backbone='resnet50'))
+    state = model.state_dict()
+    assert model.backbone == 'resnet50' and model.img_channels == 2048
+    assert model.img_model.fc[0].in_features == 2048  # what composers reading layer4 use
+    assert state['img_model.fc.0.weight'].shape == (E, 2048)
+    # ResNet-50's bottleneck blocks: 3, 4, 6, 3 of them, 1x1 convs around the 3x3.
+    assert state['img_model.layer1.0.conv3.weight'].shape == (256, 64, 1, 1)
+    assert state['img_model.layer3.5.conv1.weight'].shape == (256, 1024, 1, 1)
+    assert state['img_model.layer4.2.bn3.weight'].shape == (2048,)
+    assert 'img_model.layer4.3.conv1.weight' not in state
+    # Outside the image encoder and the map composers: the ResNet-18 model's shapes (at E).
+    map_shapes = RESNET50_MAP_SHAPES.get(name, {})
+    for key, shape in map_shapes.items():
+        assert state[key].shape == shape, key
+    torch.manual_seed(0)
+    small = itcm.MODELS[name](texts, E, pretrained=False).state_dict()
+    assert small['img_model.fc.0.weight'].shape == (E, 512)
+    assert set(small) - {k for k in small if k.startswith('img_model.')} == \
+        set(state) - {k for k in state if k.startswith('img_model.')}
+    map_modules = {key.rsplit('.', 1)[0] for key in map_shapes}  # their biases and statistics too
+    for key, value in small.items():
+        if not key.startswith('img_model.') and key.rsplit('.', 1)[0] not in map_modules:
+            assert state[key].shape == value.shape, key
+    model.eval()
+    with torch.no_grad():
+        imgs = torch.randn(2, 3, 64, 48)
+        assert model.compose_img_text(imgs, texts[:2]).shape == (2, E)
+        assert model.extract_img_feature(imgs).shape == (2, E)
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -87,9 +110,8 @@ def test_resnet18_given_explicitly_keeps_the_reference_layout(name):
     assert model.img_channels == 512
 
 
-def test_tirg_lastconv_on_resnet50_composes_the_2048_channel_map():
-    torch.manual_seed(1)
-    model = itcm.TIRGLastConv(TEXTS, E, pretrained=False, backbone='resnet50')
+def test_tirg_lastconv_on_resnet50_composes_the_2048_channel_map(lastconv50):
+    model = lastconv50
     with torch.no_grad():
         model.a.copy_(torch.tensor([0.5, 2.0, 7.0, 7.0]))
     model.eval()
