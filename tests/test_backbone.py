@@ -337,3 +337,43 @@ def test_imagenet_resnet50_in_the_cache_is_loaded_without_a_download(monkeypatch
         itcm.load_resnet('resnet50', True)
     assert str(info.value).startswith(f'--img_weights=imagenet: {cached}: ResNet-18 weights, but '
                                       f'--img_backbone=resnet50 needs ResNet-50 ones')
+
+
+# ---------------------------------------------------------------------------------------------
+# Shoes
+
+def test_resnet50_on_shoes_trains_resumes_and_test_only_repeats_the_final_test(tmp_path, monkeypatch):
+    import torchvision.transforms as T
+    import datasets
+    from shoes_fixtures import larger_lists, write_shoes
+    # ResNet-50 at 224 px costs ~4 GFLOPs an image forward; the photo transform is not what this
+    # test is about (tests/test_shoes*.py check it), so the images are cut to 64 px.
+    monkeypatch.setattr(datasets, 'photo_transform', lambda: T.Compose([
+        T.Resize(64), T.CenterCrop(64), T.ToTensor(),
+        T.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)]))
+    root = str(tmp_path / 'shoes')
+    write_shoes(root, *larger_lists(), layout='attributedata')
+    command = [a for a in R50 if a != '--dataset=css3d'] + [
+        '--dataset=shoes', f'--dataset_path={root}', '--comment=_shoes50', '--model=tirg']
+    assert run_main(command + ['--num_iters=2'], cwd=tmp_path).returncode == 0
+    (run_dir,) = run_folders(tmp_path, '_shoes50')
+    ckpt_path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    resumed = run_main(command + ['--num_iters=3', f'--resume={ckpt_path}'], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'Resuming at iteration 2' in resumed.stdout
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt['it'] == 3 and ckpt['opt'].img_backbone == 'resnet50'
+    assert ckpt['model_state_dict']['img_model.fc.0.weight'].shape == (E, 2048)
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        final = json.loads(f.readlines()[-1])
+    assert final['it'] == 3
+    result = run_main(['--test_only', f'--checkpoint={ckpt_path}', '--loader_num_workers=0',
+                       '--batch_size=4', '--comment=_shoes50eval'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (eval_dir,) = run_folders(tmp_path, '_shoes50eval')
+    with open(os.path.join(eval_dir, 'test_results.json')) as f:
+        tested = json.load(f)
+    assert tested['dataset'] == 'shoes'
+    assert tested['metrics'] == {k: v for k, v in final.items() if k.startswith('test ')}
+    assert set(tested['metrics']) == {'test recall_top1', 'test recall_top10', 'test recall_top50',
+                                      'test recall_mean'}
