@@ -16,6 +16,9 @@ import re
 import statistics
 import sys
 
+import torch
+
+import checkpoints
 import main
 from img_text_composition_models import MODELS
 
@@ -91,8 +94,6 @@ def read_options(run_dir):
 
 def last_checkpoint(run_dir):
     """(iteration, finished) of the run's latest checkpoint; the weights are mapped, not read."""
-    import checkpoints
-    import torch
     path = os.path.join(run_dir, 'latest_checkpoint.pth')
     if not os.path.isfile(path):
         raise LeftOut('unfinished: no latest_checkpoint.pth')
@@ -109,7 +110,7 @@ def last_checkpoint(run_dir):
     return ckpt['it'], bool(ckpt.get('finished', False))
 
 
-def test_lines(run_dir, notes):
+def tested_lines(run_dir, notes):
     """The metrics.jsonl lines with test recalls, in file order."""
     path = os.path.join(run_dir, 'metrics.jsonl')
     if not os.path.isfile(path):
@@ -161,7 +162,7 @@ def read_run(run_dir, pick, notes):
     if not finished:
         raise LeftOut(f'unfinished: its last checkpoint is at iteration {it} of '
                       f'{options.get("num_iters")}')
-    line = pick_line(test_lines(run_dir, notes), options, pick, it)
+    line = pick_line(tested_lines(run_dir, notes), options, pick, it)
     metrics = {k[len('test '):]: v for k, v in line.items()
                if k.startswith('test ') and isinstance(v, (int, float))}
     return {'dir': run_dir, 'options': options, 'iterations': it, 'metrics': metrics,
