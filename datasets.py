@@ -210,6 +210,15 @@ def _latin1_bytes(text, encoding):
     return text.encode('latin1')
 
 
+def _dtype(spec, *args):
+    """numpy.dtype as pickles call it, with a type code: numpy's error for anything else quotes
+    the whole argument, which never ends for a structure of shared references."""
+    if not isinstance(spec, str):
+        raise pickle.UnpicklingError(f'refusing numpy.dtype of {type(spec).__name__} (expected '
+                                     f'a type code)')
+    return np.dtype(spec, *args)
+
+
 class _CSSUnpickler(pickle.Unpickler):
     """np.load(allow_pickle=True) runs whatever a hostile file names; this admits only the
     numpy globals of CSS_PICKLE_GLOBALS (dicts, lists, strings and numbers need none)."""
@@ -217,6 +226,8 @@ class _CSSUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == ('_codecs', 'encode'):
             return _latin1_bytes
+        if (module, name) == ('numpy', 'dtype'):
+            return _dtype
         if (module, name) not in CSS_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f'refusing {module}.{name}: a CSS data file holds only '
                                          f'dicts, lists, strings, numbers and numpy arrays')
@@ -250,6 +261,7 @@ def load_css_data(path):
         data = _read_css_pickle(data_file)
     except Exception as e:  # corrupt or foreign files raise many different types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = reason if len(reason) <= 200 else reason[:197] + '...'
         raise DatasetError(f'{data_file}: cannot read CSS data ({reason})') from None
     if not isinstance(data, dict):
         raise DatasetError(f'{data_file}: expected a dict of splits (train, test), found '
@@ -539,6 +551,7 @@ def open_photo(file_path, fast_decode=False):
         raise ImageReadError(f'{file_path}: image not found', file_path) from None
     except Exception as e:  # corrupt files raise OSError, SyntaxError, ValueError, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = reason if len(reason) <= 200 else reason[:197] + '...'
         if isinstance(e, PIL.UnidentifiedImageError):  # its message repeats the path
             reason = 'unknown image format or corrupt file'
         raise ImageReadError(f'{file_path}: cannot read image ({reason})', file_path) from None

@@ -718,6 +718,13 @@ def bomb():
         x = [x, x]
     return x
 
+class Reduce:
+    """Unpickled as f(*args) (numpy.dtype's error message quotes its whole argument)."""
+    def __init__(self, f, args):
+        self.f, self.args = f, args
+    def __reduce__(self):
+        return self.f, self.args
+
 def fixture():
     return {'objects_img': [[{'shape': 'circle', 'color': 'red', 'size': 'large',
                               'pos': (0.5, 0.5)}]] * 2,
@@ -738,6 +745,7 @@ PLACES = {
     'a position': lambda s: {'train': dict(s, objects_img=[[{'shape': 'circle', 'color': 'red',
                                                               'size': 'large', 'pos': bomb()[:2]}], []]), 'test': s},
     'the split names': lambda s: {'test': s, 7: bomb()},
+    'a dtype': lambda s: {'train': Reduce(np.dtype, (bomb(),)), 'test': s},
 }
 root = sys.argv[2]
 os.makedirs(root, exist_ok=True)
@@ -760,7 +768,7 @@ def test_a_small_file_of_shared_references_is_one_line_fast(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 12, result.stdout
+    assert len(lines) == 13, result.stdout
     data_file = os.path.join(root, datasets.CSS_DATA_FILE)
     for line in lines:
         place, size, message = line.split(' | ', 2)
@@ -773,6 +781,7 @@ def test_a_small_file_of_shared_references_is_one_line_fast(tmp_path):
     assert 'mods[0]["from"]: [[[[...], [...]], [[...], [...]]], [[[...], [...]], [[...... is not' in found['an index']
     assert 'objects_img[0]: cannot draw dict' in found['a colour']
     assert 'no "train" split (has test, 7)' in found['the split names']
+    assert 'cannot read CSS data (refusing numpy.dtype of list (expected a type code))' in found['a dtype']
 
 
 def test_a_file_of_shared_references_through_main_is_one_line(tmp_path):
