@@ -339,6 +339,14 @@ def test_imagenet_resnet50_in_the_cache_is_loaded_without_a_download(monkeypatch
                                       f'--img_backbone=resnet50 needs ResNet-50 ones')
 
 
+def test_the_cache_file_names_are_those_torchvision_downloads_to():
+    # torch.hub saves a download under its URL's last component: the name looked for first.
+    assert os.path.basename(itcm.BACKBONES['resnet18'].imagenet_weights.url) == RESNET18_FILE
+    assert os.path.basename(itcm.BACKBONES['resnet50'].imagenet_weights.url) == RESNET50_FILE
+    assert itcm.BACKBONES['resnet50'].file_name == RESNET50_FILE
+    assert itcm.BACKBONES['resnet18'].file_name == RESNET18_FILE
+
+
 # ---------------------------------------------------------------------------------------------
 # Shoes
 
@@ -377,3 +385,4 @@ def test_resnet50_on_shoes_trains_resumes_and_test_only_repeats_the_final_test(t
     assert tested['metrics'] == {k: v for k, v in final.items() if k.startswith('test ')}
     assert set(tested['metrics']) == {'test recall_top1', 'test recall_top10', 'test recall_top50',
                                       'test recall_mean'}
+
