@@ -6,6 +6,7 @@
     python bench.py --only retrieval,loss --queries 300 --gallery 3000 --json out.json
     python bench.py --only ddp             # 1 process against 2 under torchrun (gloo)
     python bench.py --only backbones       # ResNet-18 against ResNet-50 (--backbone_size 224)
+    python bench.py --only models          # every --model's training iteration against TIRG's
 
 Sections (one line per figure: both timings and their ratio):
 
@@ -43,6 +44,12 @@ Sections (one line per figure: both timings and their ratio):
   ddp        training throughput (images/s) of main.py's path under torchrun with 2 gloo processes
              on the CPU (DistributedDataParallel, gathered loss, each process its slice of the
              global --batch_size) against 1 plain process, the same threads in all, shared out.
+  models     one training iteration (soft-triplet loss, backward, SGD step) of every --model
+             (the reference's five, the paper's other methods, TIRG's ablations) at embed_dim 512,
+             batch --batch_size at --model_image_size px (default 224, the photo datasets' crop),
+             random images in memory, --img_weights=none; median over --model_iters rounds that
+             time every model once each, as a ratio to TIRG's; then each model's peak resident
+             memory during one iteration, in a forked child (CPU).
 
 Timings are wall-clock (time.perf_counter), after warm-up, medians of repeats where cheap; on
 CUDA the device is synchronised around every timed region.  Machines shared with other work give
@@ -1029,6 +1036,72 @@ def bench_memory(args, tmp):
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. Every composition model: one training iteration, relative to TIRG
+# ---------------------------------------------------------------------------------------------
+
+MODEL_TEXTS = ['make top-left red cube blue', 'add small gray sphere', 'remove middle object']
+MODEL_CAPTIONS = ['ripe apple', 'sliced apple', 'dried fig', 'ripe fig']  # attribute_operator's
+
+
+def model_training_step(name, args, device):
+    """One SGD iteration of the soft-triplet loss (main.py's) of --model=`name`, random images
+    already on the device: the composer's cost, not the data's."""
+    torch.manual_seed(args.seed)
+    captions = MODEL_CAPTIONS if name == 'attribute_operator' else MODEL_TEXTS
+    model = img_text_composition_models.MODELS[name](captions, 512, pretrained=False).to(device)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(args.seed)
+    size, b = args.model_image_size, args.batch_size
+    source, target = (torch.randn(b, 3, size, size, generator=g).to(device) for _ in range(2))
+    words = [c.split()[0] for c in captions] if name == 'attribute_operator' else captions
+    texts = [words[i % len(words)] for i in range(b)]
+
+    def step():
+        with autocast(args.amp, device):
+            loss = model(source, texts, target, soft_triplet_loss=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def bench_models(args, device):
+    """Every model's iteration, timed in rounds (each round times every model once, so that the
+    machine's load hits all alike), median over rounds; then each one's peak resident memory
+    during one iteration, in a forked child (CPU)."""
+    names = list(img_text_composition_models.MODELS)
+    steps = {name: model_training_step(name, args, device) for name in names}
+    times = {name: [] for name in names}
+    for r in range(1 + args.model_iters):  # the first round warms up
+        for name in names:
+            seconds, _ = timed(steps[name], device)
+            if r:
+                times[name].append(seconds)
+    memory = {}
+    if device.type == 'cpu' and not args.skip_model_memory:
+        memory = {name: peak_memory(steps[name]) for name in names}
+    base = statistics.median(times['tirg'])
+    lines, result = [], {'image_size': args.model_image_size, 'batch_size': args.batch_size,
+                         'iters': args.model_iters, 'models': {}}
+    for name in names:
+        t = statistics.median(times[name])
+        entry = {'median_s': t, 'times_s': times[name], 'vs_tirg': t / base}
+        line = (f'models {name}: one training iteration, batch {args.batch_size} at '
+                f'{args.model_image_size}x{args.model_image_size}: {fmt_seconds(t)}, '
+                f'{t / base:.2f}x TIRG')
+        if name in memory:
+            peak, start = memory[name]['peak_bytes'], memory[name]['start_bytes']
+            entry.update(peak_bytes=peak, start_bytes=start)
+            line += f', peak resident {peak / 2 ** 30:.2f} GiB'
+            if start is not None:
+                line += f' (+{(peak - start) / 2 ** 30:.2f} GiB for the iteration)'
+        result['models'][name] = entry
+        lines.append(line)
+    return lines, result
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. Several processes (torchrun, DistributedDataParallel, gloo on the CPU)
 # ---------------------------------------------------------------------------------------------
 
@@ -1116,7 +1189,7 @@ def bench_ddp(args, tmp):
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-SECTIONS = ('retrieval', 'loss', 'train', 'backbones', 'data', 'memory', 'ddp')
+SECTIONS = ('retrieval', 'loss', 'train', 'backbones', 'data', 'memory', 'ddp', 'models')
 
 
 def parse_size(text):
@@ -1187,6 +1260,12 @@ def get_args_parser():
     p.add_argument('--amp', action='store_true', help='train: bfloat16 autocast (CUDA only)')
     p.add_argument('--channels_last', action='store_true',
                    help='train: channels-last memory format for both the loop and the bare step')
+    p.add_argument('--model_image_size', type=int, default=224,
+                   help='models: square image size (224: the photo datasets\' crop)')
+    p.add_argument('--model_iters', type=int, default=2,
+                   help='models: timed rounds (every model once a round, after one warm-up round)')
+    p.add_argument('--skip_model_memory', action='store_true',
+                   help='models: skip the peak-memory measurement (default: measured on CPU)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--quick', action='store_true', help='tiny sizes (seconds; for tests)')
     p.add_argument('--only', default=','.join(SECTIONS),
@@ -1200,8 +1279,8 @@ def get_args_parser():
 
 QUICK = {'queries': 200, 'gallery': 2000, 'dim': 64, 'repeats': 1, 'loss_repeats': 10,
          'batch_size': 4, 'iters': 2, 'warmup': 1, 'backbone_size': 64, 'image_size': (320, 240),
-         'data_images': 8,
-         'data_passes': 1, 'data_batches': 2, 'memory_counts': [20, 200]}
+         'data_images': 8, 'data_passes': 1, 'data_batches': 2, 'memory_counts': [20, 200],
+         'model_image_size': 64, 'model_iters': 1}
 
 
 def parse_args(argv=None):
@@ -1218,7 +1297,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f'--only: unknown section(s) {", ".join(unknown)} (choose from {", ".join(SECTIONS)})')
     for name in ('queries', 'gallery', 'dim', 'repeats', 'loss_repeats', 'iters', 'data_images',
-                 'data_passes', 'data_batches', 'backbone_size'):
+                 'data_passes', 'data_batches', 'backbone_size', 'model_image_size', 'model_iters'):
         if getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1')
     if args.batch_size < 2:
@@ -1316,6 +1395,8 @@ def run(args):
                 lines, result = bench_memory(args, tmp)
             elif section == 'ddp':
                 lines, result = bench_ddp(args, tmp)
+            elif section == 'models':
+                lines, result = bench_models(args, device)
             else:
                 lines, result = bench_data(args, tmp)
             result['section_wall_s'] = time.perf_counter() - start

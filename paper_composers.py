@@ -52,7 +52,9 @@ class ShowAndTell(_PaperComposer):
     def compose_img_text(self, imgs, texts):
         image = self.extract_img_feature(imgs)
         t = self.text_model
-        ids = [t.vocab.encode_text(text) for text in texts] if texts and isinstance(texts[0], str) else texts
+        ids = texts  # strings, or lists of token ids as the text encoder takes them
+        if texts and isinstance(texts[0], str):
+            ids = [t.vocab.encode_text(text) for text in texts]
         lengths = torch.tensor([len(i) for i in ids], device=image.device)
         padded = torch.zeros((int(lengths.max()), len(ids)), dtype=torch.long)
         for b, text_ids in enumerate(ids):

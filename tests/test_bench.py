@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 
 import bench
+import img_text_composition_models
 
 
 def test_quick_run_prints_every_section_with_ratios(tmp_path):
@@ -19,7 +20,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     result = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--quick',
                              '--json', str(out)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env=env)  # 111 s measured on 2 cores at load 10
+                            timeout=420, env=env)  # 111 s on 2 cores at load 10, before --only models
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert re.match(r'device cpu \(.*\), torch \S+, numpy \S+, 1 threads', lines[0]), lines[0]
@@ -48,6 +49,9 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     # Shoes: 6 train images (2 are the eval list), 12 triplets, each listed under both images.
     line('data shoes train loader (24 triplets, 6 images, generated), batch 4: ', 'speed-up')
     line('ddp train iterations, global batch 4 ', 'scaling')
+    for name in img_text_composition_models.MODELS:  # the reference's five and the new seven
+        (found,) = [x for x in lines if x.startswith(f'models {name}: ')]
+        assert re.search(r'batch 4 at 64x64: .*, \d+\.\d\dx TIRG, peak resident \d+\.\d\d GiB', found), found
 
     results = json.loads(out.read_text())
     assert results['retrieval']['recalls_identical'] is True
@@ -64,6 +68,11 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert results['data']['fast_decode_on']['workers_0_img_per_s'] > 0
     for name in ('fashioniq', 'cirr', 'shoes'):
         assert results['data'][name]['workers_2_triplets_per_s'] > 0
+    models = results['models']['models']
+    assert list(models) == list(img_text_composition_models.MODELS)
+    assert models['tirg']['vs_tirg'] == 1.0
+    assert models['relationship']['vs_tirg'] == pytest.approx(
+        models['relationship']['median_s'] / models['tirg']['median_s'])
     ddp = results['ddp']['runs']
     assert ddp['1']['processes'] == 1 and ddp['2']['processes'] == 2, ddp
     assert results['ddp']['scaling'] == pytest.approx(ddp['2']['img_per_s'] / ddp['1']['img_per_s'])
