@@ -848,12 +848,13 @@ def check_processes(opt):
         raise UserError('--sync_bn: SyncBatchNorm needs several processes (torchrun) on CUDA')
 
 
-def build_model(opt, init_ckpt, init_path, trainset, device):
+def build_model(opt, init_ckpt, init_path, trainset, testset, device):
     vocab = None
     if init_ckpt is not None:
         adopt_checkpoint_architecture(opt, init_ckpt)
         opt.checkpoint_it = int(init_ckpt.get('it', 0))
         opt.img_weights = 'none'  # every weight comes from the checkpoint
+    check_model_fits_data(opt, testset)
     with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
         vocab = build_vocabulary(opt, init_ckpt, init_path, trainset)
         model = create_model(opt, trainset.get_all_texts(), vocab)
@@ -866,7 +867,8 @@ def build_model(opt, init_ckpt, init_path, trainset, device):
 
 
 def check_model_fits_data(opt, testset):
-    """After --model is known (a checkpoint's own) and the data is read, before any run folder."""
+    """Once --model is known (a checkpoint's own) and the data is read: before the model is
+    built (ImageNet weights loaded) and before any run folder."""
     try:
         paper_composers.check_dataset(opt.model, opt.dataset, testset)
     except ValueError as e:
@@ -928,8 +930,7 @@ def run(opt):
     seed_process(opt, distributed.rank())
     cap_loader_workers(opt)
     trainset, testset = load_data(opt)
-    model = build_model(opt, init_ckpt, init_path, trainset, device)
-    check_model_fits_data(opt, testset)
+    model = build_model(opt, init_ckpt, init_path, trainset, testset, device)
     if not opt.test_only:
         fit_batch_size(opt, trainset)
     logger, run_dir = open_run(opt)

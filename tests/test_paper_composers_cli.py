@@ -108,7 +108,7 @@ def test_attribute_operator_on_sentences_is_one_line_and_no_run_folder(dataset, 
     assert not os.path.exists(tmp_path / 'runs')
 
 
-def test_retrieve_with_new_models_checkpoints(tmp_path, capsys):
+def test_an_attribute_operator_checkpoint_in_retrieve_py_and_on_sentences(tmp_path, capsys):
     root = write_dataset('mitstates', str(tmp_path / 'mitstates'))
     result = run_main(SMALL + ['--dataset=mitstates', f'--dataset_path={root}',
                                '--model=attribute_operator', '--num_iters=2'], cwd=tmp_path)
@@ -126,3 +126,13 @@ def test_retrieve_with_new_models_checkpoints(tmp_path, capsys):
     assert err.strip().splitlines()[-1:] == [  # after the lines naming the dataset
         "retrieve.py: error: --query_text='make it ripe': attribute_operator composes single "
         "attribute words; got 'make it ripe'"]
+
+    # --test_only of the checkpoint (its model adopted) on CSS: refused before any run folder.
+    css = write_dataset('css3d', str(tmp_path / 'css'))
+    runs = sorted(os.listdir(tmp_path / 'runs'))
+    result = run_main([f'--checkpoint={ckpt}', '--test_only', '--dataset=css3d',
+                       f'--dataset_path={css}', '--loader_num_workers=0'], cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'main.py: error: --model=attribute_operator: composes single attribute words')
+    assert sorted(os.listdir(tmp_path / 'runs')) == runs
