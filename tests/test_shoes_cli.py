@@ -291,3 +291,38 @@ def test_two_torchrun_processes_train_and_test_as_one(tmp_path, capsys):
                                'shoes_single')
     assert results['shoes_protocol'] == 'val'
     assert results['metrics'] == pytest.approx(final, abs=1e-6)
+
+
+def test_results_table_groups_shoes_runs_by_protocol(tmp_path, capsys):
+    import statistics
+    import results_table
+    train_names, eval_names, triplets = larger_lists()
+    root = tmp_path / 'shoes'
+    write_shoes(str(root), train_names, eval_names, triplets)
+    finals = {}
+    for protocol, seed in (('unique', 0), ('unique', 1), ('val', 0)):
+        comment = f'shoes_{protocol}_{seed}'
+        result = run_main(SMALL[:-1] + [f'--seed={seed}', '--dataset=shoes', f'--dataset_path={root}',
+                                        '--num_iters=2', f'--shoes_protocol={protocol}',
+                                        f'--comment={comment}'], capsys)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(os.path.join(only_run_folder(tmp_path, comment), 'metrics.jsonl')) as f:
+            last = [json.loads(line) for line in f][-1]
+        finals.setdefault(protocol, []).append({n: last[f'test {n}'] for n in NAMES})
+    code = results_table.main_cli([str(tmp_path / 'runs')])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    tables = {part.splitlines()[0]: part for part in out.split('### ')[1:]}
+    assert sorted(tables) == [
+        'shoes, --shoes_protocol=unique (2 iterations; final test recalls, in %)',
+        'shoes, --shoes_protocol=val (2 iterations; final test recalls, in %)']
+    for title, part in tables.items():
+        assert '| method | R@1 | R@10 | R@50 | mean |' in part
+        runs = finals['unique' if 'unique' in title else 'val']
+        (row,) = [line for line in part.splitlines() if line.startswith('| tirg |')]
+        cells = [c.strip() for c in row.strip('|').split('|')][1:]
+        for cell, name in zip(cells, NAMES):
+            values = [100 * run[name] for run in runs]
+            mean = f'{statistics.fmean(values):.1f}'
+            assert cell == (f'{mean} ± {statistics.stdev(values):.1f} (2 runs)' if len(runs) == 2
+                            else f'{mean} (1 run)'), (title, name)
