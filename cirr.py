@@ -7,7 +7,6 @@ Annotations: `captions/cap.rc2.<split>.json` and `image_splits/split.rc2.<split>
 import json
 import os
 
-import numpy as np
 import torch
 
 import checkpoints
@@ -170,7 +169,13 @@ class CIRR(fashioniq.QuietPhotoDataset):
     def num_training_examples(self):
         return len(self.entries)
 
-    def __getitem__(self, idx):
+    def __getitem__(self, item):
+        """dataset[datasets.DrawKey]: the entry at that position (a redraw after an unreadable
+        image keyed by it); dataset[int]: redraws from numpy's global generator."""
+        if isinstance(item, datasets.DrawKey):
+            idx, np_rng = item.index, datasets.keyed_streams(item, item.position)[0]
+        else:
+            idx, np_rng = item, datasets.global_streams()[0]
         idx = int(idx) % len(self.entries)
         for _ in range(datasets.MAX_REDRAWS):
             entry = self.entries[idx]
@@ -180,7 +185,7 @@ class CIRR(fashioniq.QuietPhotoDataset):
             except datasets.ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                idx = np.random.randint(0, len(self.entries))
+                idx = np_rng.randint(0, len(self.entries))
                 continue
             return {'source_img_id': source_id, 'source_img_data': source_img,
                     'source_caption': entry['reference'],

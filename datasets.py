@@ -2,8 +2,12 @@
 
 Every dataset offers `imgs`, `get_all_texts()`, `get_test_queries()`, `get_img(idx, raw_img)`,
 `__len__` (number of images) and `__getitem__` returning one training example as a dict.
-Sampling uses the global `random` and `numpy.random` generators, as the reference did; `main.py`
-seeds them from `--seed`, and `worker_init_fn` gives every DataLoader worker its own stream.
+Training examples are random draws (a modification, a target, a caption order).  `dataset[key]`
+with a `DrawKey` (what main.py's sampler yields) draws from generators seeded by the key's seed,
+epoch and position in the epoch's global order: the example at a position is the same whichever
+process or DataLoader worker loads it, and after a resume.  `dataset[i]` with a plain int draws
+from the global `random` and `numpy.random` generators, as the reference did (the retrieval test's
+sample of training examples seeds them and uses this).
 """
 import itertools
 import os
@@ -13,6 +17,7 @@ import re
 import reprlib
 import signal
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -92,6 +97,30 @@ def worker_init_fn(worker_id):
     # Ctrl-C reaches the whole process group; the main process decides what it means (finish the
     # iteration and save), so a worker must not die of it mid-batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class DrawKey(NamedTuple):
+    """What decides one training example: its place in the epoch's global order.  `index` is the
+    dataset index at `position`; CSS and MIT-States draw positions 2k and 2k+1 as a pair (one
+    source, two modifications), so `pair_index` is the index at position 2k."""
+    index: int
+    seed: int
+    epoch: int
+    position: int
+    pair_index: int
+
+
+def keyed_streams(key, position, attempt=0):
+    """(numpy RandomState, Python Random), the same for a (seed, epoch, position, attempt) in any
+    process: the generators a keyed example draws from.  `attempt` counts redraws after an
+    unreadable image (where one draw cannot simply continue, as for a pair's two positions)."""
+    state = np.random.SeedSequence([key.seed, key.epoch, position, attempt]).generate_state(2)
+    return np.random.RandomState(int(state[0])), random.Random(int(state[1]))
+
+
+def global_streams():
+    """The reference's generators: numpy's and Python's global streams."""
+    return np.random, random
 
 
 def _plain_ints(value):
@@ -457,30 +486,57 @@ class CSSDataset(BaseDataset):
     def get_all_texts(self):
         return [mod['to_str'] for mod in self.mods]
 
-    def get_1st_training_query(self):
-        mod_id = np.random.randint(0, len(self.mods))
+    def _first_query(self, np_rng):
+        mod_id = np_rng.randint(0, len(self.mods))
         mod = self.mods[mod_id]
-        j = np.random.randint(0, len(mod['from']))
-        self.last_from = mod['from'][j]
-        self.last_mod = [mod_id]
+        j = np_rng.randint(0, len(mod['from']))
         return mod['from'][j], mod_id, mod['to'][j]
+
+    def _other_query(self, py_rng, source, used_mods):
+        """The same source with a modification not in `used_mods`, or None when it has none."""
+        others = [(m, t) for m, t in self.imgid2modtarget[source] if m not in used_mods]
+        if not others:
+            return None
+        mod_id, target = py_rng.choice(others)
+        return source, mod_id, target
+
+    def get_1st_training_query(self):
+        source, mod_id, target = self._first_query(np.random)
+        self.last_from, self.last_mod = source, [mod_id]
+        return source, mod_id, target
 
     def get_2nd_training_query(self):
         """The same source with another modification.  The reference retried forever when the
         source had no other one; here a fresh first query is drawn instead."""
-        others = [(m, t) for m, t in self.imgid2modtarget[self.last_from]
-                  if m not in self.last_mod]
-        if not others:
+        query = self._other_query(random, self.last_from, self.last_mod)
+        if query is None:
             return self.get_1st_training_query()
-        mod_id, target = random.choice(others)
-        self.last_mod.append(mod_id)
-        return self.last_from, mod_id, target
+        self.last_mod.append(query[1])
+        return query
 
-    def generate_random_query_target(self):
+    def _keyed_query(self, key, attempt):
+        """Positions 2k and 2k+1 of the global order draw the pair's first query from the same
+        generators; 2k+1 goes on to its second (or, when the source has no other modification,
+        a fresh first query).  A redraw after an unreadable image moves the pair to its next
+        attempt together when the shared source was unreadable."""
+        np_rng, py_rng = keyed_streams(key, key.position - key.position % 2, attempt)
+        query = self._first_query(np_rng)
+        if key.position % 2:
+            query = self._other_query(py_rng, query[0], [query[1]]) or self._first_query(np_rng)
+        return query
+
+    def __getitem__(self, item):
+        """dataset[DrawKey]: the example at that position; dataset[int]: the reference's draw
+        (the index is ignored) from the global generators, pairs following call by call."""
+        return self.generate_random_query_target(item if isinstance(item, DrawKey) else None)
+
+    def generate_random_query_target(self, key=None):
         """A training example; one whose image cannot be read is reported (once per file) and
         replaced by a fresh pair, since the unreadable image may be the pair's shared source."""
-        for _ in range(MAX_REDRAWS):
-            if self.last_from is not None and len(self.last_mod) < 2:
+        for attempt in range(MAX_REDRAWS):
+            if key is not None:
+                source, mod_id, target = self._keyed_query(key, attempt)
+            elif self.last_from is not None and len(self.last_mod) < 2:
                 source, mod_id, target = self.get_2nd_training_query()
             else:
                 source, mod_id, target = self.get_1st_training_query()
@@ -489,7 +545,8 @@ class CSSDataset(BaseDataset):
             except ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                self.last_from, self.last_mod = None, []
+                if key is None:
+                    self.last_from, self.last_mod = None, []
                 continue
             return {
                 'source_img_id': source,
@@ -599,8 +656,8 @@ class PhotoDataset(BaseDataset):
             print(f'warning: {error}; skipping it and drawing another training example',
                   file=sys.stderr, flush=True)
 
-    def _redraw_index(self):
-        return np.random.randint(0, len(self.imgs))
+    def _redraw_index(self, np_rng=np.random):
+        return np_rng.randint(0, len(self.imgs))
 
 
 def fashion200k_caption(s):
@@ -773,36 +830,42 @@ class Fashion200k(PhotoDataset):
                         self.imgs[imgid]['parent_captions'].append(p)
         self.caption_indexed = True
 
-    def caption_index_sample_(self, idx):
-        """The reference's sampler, with the global `numpy.random` and `random` generators."""
+    def caption_index_sample_(self, idx, np_rng=np.random, py_rng=random):
+        """The reference's sampler: by default with the global `numpy.random` and `random`
+        generators, as the reference; a keyed example passes its own (keyed_streams)."""
         while not self.imgs[idx]['modifiable']:
-            idx = np.random.randint(0, len(self.imgs))
+            idx = np_rng.randint(0, len(self.imgs))
         img = self.imgs[idx]
         while True:
-            p = random.choice(img['parent_captions'])
-            c = random.choice(self.parent2children_captions[p])
+            p = py_rng.choice(img['parent_captions'])
+            c = py_rng.choice(self.parent2children_captions[p])
             if c not in img['captions']:
                 break
-        target_idx = random.choice(self.caption2imgids[c])
+        target_idx = py_rng.choice(self.caption2imgids[c])
         source_caption = self.imgs[idx]['captions'][0]
         target_caption = self.imgs[target_idx]['captions'][0]
         source_word, target_word, mod_str = get_different_word(source_caption, target_caption)
         return idx, target_idx, source_word, target_word, mod_str
 
-    def __getitem__(self, idx):
+    def __getitem__(self, item):
+        """dataset[DrawKey]: the example at that position, drawn from generators keyed by it;
+        dataset[int]: the reference's draw from the global generators."""
         if not self.caption_indexed:  # the reference indexed the train split only
             self.caption_index_init_()
             if not any(img['modifiable'] for img in self.imgs):
                 raise DatasetError(f'{self.path}: no modifiable image in the {self.split} split')
-        idx = self._wrap_index(idx)
+        if isinstance(item, DrawKey):
+            idx, (np_rng, py_rng) = self._wrap_index(item.index), keyed_streams(item, item.position)
+        else:
+            idx, (np_rng, py_rng) = self._wrap_index(item), global_streams()
         for _ in range(MAX_REDRAWS):
-            idx, target_idx, _, _, mod_str = self.caption_index_sample_(idx)
+            idx, target_idx, _, _, mod_str = self.caption_index_sample_(idx, np_rng, py_rng)
             try:
                 source_img, target_img = self.get_img(idx), self.get_img(target_idx)
             except ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                idx = self._redraw_index()
+                idx = self._redraw_index(np_rng)
                 continue
             return {
                 'source_img_id': idx,
@@ -900,11 +963,11 @@ class MITStates(PhotoDataset):
                     f'"{noun}" has images of one adjective only ("{adjs[0]}"); every noun of '
                     f'the {self.split} split needs at least two')
 
-    def caption_index_sample_(self, idx):
+    def caption_index_sample_(self, idx, py_rng=random):
         """A random adjective of the image's noun (possibly its own) and a random image of it."""
         noun = self.imgs[idx]['noun']
-        target_caption = random.choice(self.noun2adjs[noun]) + ' ' + noun
-        target_idx = random.choice(self.caption2imgids[target_caption])
+        target_caption = py_rng.choice(self.noun2adjs[noun]) + ' ' + noun
+        target_idx = py_rng.choice(self.caption2imgids[target_caption])
         return idx, target_idx
 
     def generate_test_queries_(self):
@@ -917,32 +980,48 @@ class MITStates(PhotoDataset):
                         'source_img_id': idx, 'source_caption': img['captions'][0],
                         'target_caption': target_adj + ' ' + noun, 'mod': {'str': target_adj}})
 
+    def _two_targets(self, idx, py_rng=random):
+        """Two targets of different adjectives for source `idx`."""
+        while True:
+            idx, target_idx1 = self.caption_index_sample_(idx, py_rng)
+            idx, target_idx2 = self.caption_index_sample_(idx, py_rng)
+            if self.imgs[target_idx1]['adj'] != self.imgs[target_idx2]['adj']:
+                return target_idx1, target_idx2
+
     def _next_pair(self, idx):
         """The reference's pairs: two targets of different adjectives for one source; the first
         now, the second (kept in `saved_item`) at the next call, whatever index it asks for."""
         if self.saved_item is None:
-            while True:
-                idx, target_idx1 = self.caption_index_sample_(idx)
-                idx, target_idx2 = self.caption_index_sample_(idx)
-                if self.imgs[target_idx1]['adj'] != self.imgs[target_idx2]['adj']:
-                    break
+            target_idx1, target_idx2 = self._two_targets(idx)
             self.saved_item = [idx, target_idx2]
             return idx, target_idx1
         idx, target_idx = self.saved_item
         self.saved_item = None
         return idx, target_idx
 
-    def __getitem__(self, idx):
-        idx = self._wrap_index(idx)
-        for _ in range(MAX_REDRAWS):
-            source, target = self._next_pair(idx)
+    def _keyed_pair(self, key, attempt):
+        """Positions 2k and 2k+1 of the global order: the source at 2k (`pair_index`) and its two
+        targets, drawn alike at both positions from generators keyed by 2k; each returns its
+        own.  After an unreadable image both move to a fresh source at their next attempt."""
+        np_rng, py_rng = keyed_streams(key, key.position - key.position % 2, attempt)
+        source = self._wrap_index(key.pair_index) if attempt == 0 else self._redraw_index(np_rng)
+        return source, self._two_targets(source, py_rng)[key.position % 2]
+
+    def __getitem__(self, item):
+        """dataset[DrawKey]: the example at that position (see _keyed_pair); dataset[int]: the
+        reference's draw from the global generators, pairs following call by call."""
+        key = item if isinstance(item, DrawKey) else None
+        idx = None if key is not None else self._wrap_index(item)
+        for attempt in range(MAX_REDRAWS):
+            source, target = self._keyed_pair(key, attempt) if key is not None else self._next_pair(idx)
             try:
                 source_img, target_img = self.get_img(source), self.get_img(target)
             except ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                self.saved_item = None
-                idx = self._redraw_index()
+                if key is None:
+                    self.saved_item = None
+                    idx = self._redraw_index()
                 continue
             return {
                 'source_img_id': source,

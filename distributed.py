@@ -98,13 +98,26 @@ def shard_range(n):
     return range(n * rank() // world_size(), n * (rank() + 1) // world_size())
 
 
-def gather_with_grad(x):
+def slice_rows(batch_size):
+    """Rows of every process's slice of a global batch, in rank order (main.EpochBatchSampler's
+    cut: as even as the batch allows)."""
+    world = world_size()
+    return [batch_size * (r + 1) // world - batch_size * r // world for r in range(world)]
+
+
+def gather_with_grad(x, rows=None):
     """Every process's `x` concatenated along dim 0 (rank order), differentiable: the backward of
-    torch.distributed.nn's all_gather sums every process's gradient for this process's rows."""
+    torch.distributed.nn's all_gather sums every process's gradient for this process's rows.
+    `rows`: every process's row count, where they differ (a batch fitted to a training set
+    smaller than --batch_size need not divide by the processes)."""
     if not is_initialized():
         return x
     import torch.distributed.nn.functional as dist_nn  # only needed with a process group
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    if rows is None or len(set(rows)) == 1:
+        return torch.cat(dist_nn.all_gather(x), dim=0)
+    # all_gather needs equal shapes: pad every share to the longest, then trim.
+    padded = torch.cat([x, x.new_zeros((max(rows) - x.shape[0],) + tuple(x.shape[1:]))])
+    return torch.cat([part[:count] for part, count in zip(dist_nn.all_gather(padded), rows)])
 
 
 def gather_rows(x):

@@ -9,11 +9,9 @@ the missing-image report, and switching a model to evaluation mode for a test.
 import contextlib
 import json
 import os
-import random
 import sys
 import warnings
 
-import numpy as np
 import torch
 
 import datasets
@@ -340,21 +338,27 @@ class FashionIQ(QuietPhotoDataset):
     def num_training_examples(self):
         return len(self.examples)
 
-    def __getitem__(self, idx):
+    def __getitem__(self, item):
+        """dataset[datasets.DrawKey]: the example at that position, its caption order (and any
+        redraw) drawn from generators keyed by it; dataset[int]: from the global generators."""
+        if isinstance(item, datasets.DrawKey):
+            idx, (np_rng, py_rng) = item.index, datasets.keyed_streams(item, item.position)
+        else:
+            idx, (np_rng, py_rng) = item, datasets.global_streams()
         idx = int(idx) % len(self.examples)
         for _ in range(datasets.MAX_REDRAWS):
             triplet = self.examples[idx]
             if 'text' in triplet:  # the val protocol: one caption, nothing drawn
                 captions = None
             else:
-                captions = triplet['captions'] if random.random() < 0.5 else triplet['captions'][::-1]
+                captions = triplet['captions'] if py_rng.random() < 0.5 else triplet['captions'][::-1]
             source_id, target_id = self.name_to_id[triplet['candidate']], self.name_to_id[triplet['target']]
             try:
                 source_img, target_img = self.get_img(source_id), self.get_img(target_id)
             except datasets.ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                idx = np.random.randint(0, len(self.examples))
+                idx = np_rng.randint(0, len(self.examples))
                 continue
             return {'source_img_id': source_id, 'source_img_data': source_img,
                     'source_caption': triplet['candidate'],

@@ -178,11 +178,15 @@ class ImgTextCompositionBase(torch.nn.Module):
     def compose_img_text(self, imgs, texts):
         raise NotImplementedError
 
-    def forward(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True):
-        """The training loss, so that DistributedDataParallel, which wraps forward, can train it."""
-        return self.compute_loss(imgs_query, modification_texts, imgs_target, soft_triplet_loss)
+    def forward(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True,
+                slice_rows=None):
+        """The training loss, so that DistributedDataParallel, which wraps forward, can train it.
+        `slice_rows`: every process's rows, where the global batch does not divide evenly."""
+        return self.compute_loss(imgs_query, modification_texts, imgs_target, soft_triplet_loss,
+                                 slice_rows)
 
-    def compute_loss(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True):
+    def compute_loss(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True,
+                     slice_rows=None):
         query = self.compose_img_text(imgs_query, modification_texts)
         target = self.extract_img_feature(imgs_target)
         assert query.shape == target.shape
@@ -193,8 +197,8 @@ class ImgTextCompositionBase(torch.nn.Module):
             # Under torchrun: the loss over the global batch, as with one process.  Each process
             # computes the same loss; the gathers' backward sums their gradients onto its rows and
             # DistributedDataParallel averages over the processes: the single-process gradient.
-            query = distributed.gather_with_grad(query)
-            target = distributed.gather_with_grad(target)
+            query = distributed.gather_with_grad(query, slice_rows)
+            target = distributed.gather_with_grad(target, slice_rows)
             if soft_triplet_loss:
                 return self.compute_soft_triplet_loss_(query, target)
             return self.compute_batch_based_classification_loss_(query, target)

@@ -208,13 +208,12 @@ def cap_loader_workers(opt):
 
 
 def seed_process(opt, rank):
-    """Every process draws the same torch stream (dropout, triplet negatives: identical on every
-    rank) but its own data stream, so that processes do not load the same examples."""
+    """Training examples draw from generators keyed by their position (datasets.DrawKey), not
+    from these.  torch's stream (dropout, the loss's triplet negatives) is seed + rank: each
+    process's slice of the batch gets its own dropout masks (SPEC 9), and the triplets are the
+    first process's on every process (distributed.from_first_process)."""
     seed_everything(opt.seed)
-    if rank > 0:
-        data_seed = int(np.random.SeedSequence([opt.seed, rank]).generate_state(1)[0])
-        random.seed(data_seed)
-        np.random.seed(data_seed)
+    torch.manual_seed(opt.seed + rank)
 
 
 def create_optimizer(opt, model):
@@ -255,8 +254,12 @@ def train_one_iteration(opt, model, optimizer, batch, device):
     memory_format = torch.channels_last if opt.channels_last else torch.contiguous_format
     source = batch['source_img_data'].to(device, non_blocking=True, memory_format=memory_format)
     target = batch['target_img_data'].to(device, non_blocking=True, memory_format=memory_format)
+    # A batch fitted to a small training set may not divide by the processes (fit_batch_size).
+    rows = distributed.slice_rows(opt.batch_size)
+    uneven = {'slice_rows': rows} if len(set(rows)) > 1 else {}
     with autocast(opt, device):
-        loss = model(source, batch['mod_str'], target, soft_triplet_loss=opt.loss == 'soft_triplet')
+        loss = model(source, batch['mod_str'], target, soft_triplet_loss=opt.loss == 'soft_triplet',
+                     **uneven)
     loss_value = float(loss.detach())
     if not np.isfinite(loss_value):
         raise TrainingStopped(f'the {opt.loss} loss is {loss_value} at this iteration; '
@@ -326,7 +329,10 @@ class InterruptFlag:
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled full batches (drop_last), the order fixed by (seed, epoch) so that a resumed run
     continues an epoch exactly where it stopped.  Under torchrun each process takes its slice of
-    every global batch, so the global order does not depend on the number of processes."""
+    every global batch, so the global order does not depend on the number of processes.  It
+    yields a datasets.DrawKey per example: the dataset draws the example's random parts from
+    generators seeded by the key, so the global batch's contents do not depend on the processes
+    or loader workers either (SPEC 9)."""
 
     def __init__(self, size, batch_size, seed, rank=0, world_size=1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
@@ -342,20 +348,27 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __len__(self):
         return self.batches_per_epoch() - self.start_batch
 
+    def local_slice(self):
+        """This process's positions within a global batch (as even as the batch allows)."""
+        return (self.batch_size * self.rank // self.world_size,
+                self.batch_size * (self.rank + 1) // self.world_size)
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        local = self.batch_size // self.world_size
+        first, last = self.local_slice()
         for b in range(self.start_batch, self.batches_per_epoch()):
-            start = b * self.batch_size + self.rank * local
-            yield order[start:start + local]
+            positions = range(b * self.batch_size + first, b * self.batch_size + last)
+            yield [datasets.DrawKey(order[p], self.seed, self.epoch, p, order[p - p % 2])
+                   for p in positions]
 
 
 def make_train_loader(opt, trainset, sampler, device, rank=0):
     workers = opt.loader_num_workers
     # Worker seeds come from this generator, not the global one, so that the number of loaders
-    # created (fresh run or resume) does not change the global random stream.
-    loader_seed = opt.seed if rank == 0 else int(np.random.SeedSequence([opt.seed, rank, 1]).generate_state(1)[0])
+    # created (fresh run or resume) does not change the global random stream.  No example is
+    # drawn from a worker's stream: the sampler's keys decide them.
+    loader_seed = opt.seed + rank
     return torch.utils.data.DataLoader(
         trainset, batch_sampler=sampler, num_workers=workers,
         collate_fn=datasets.collate_training_batch, worker_init_fn=datasets.worker_init_fn,
@@ -400,6 +413,9 @@ def options_for_resume(opt, ckpt):
             raise UserError(f'--{flag}={given}: the run in {opt.resume} used --{flag}={before}; '
                             f'only {changeable} can change when resuming')
     resumed = argparse.Namespace(**{**vars(defaults), **vars(saved)})
+    # A batch fitted to a small training set is fitted again (for this number of processes)
+    # from the user's own value.
+    resumed.batch_size = vars(resumed).pop('requested_batch_size', resumed.batch_size)
     for flag in opt.explicit_flags:
         setattr(resumed, flag, getattr(opt, flag))
     resumed.resume, resumed.checkpoint, resumed.test_only = opt.resume, None, False
@@ -589,7 +605,7 @@ def evaluate(opt, model, named_sets, logger, it, epoch, run_dir):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints.
 
-def build_checkpoint(opt, model, optimizer, trainset, progress):
+def build_checkpoint(opt, model, optimizer, progress):
     return {
         'it': progress['it'],
         'opt': opt,
@@ -603,7 +619,6 @@ def build_checkpoint(opt, model, optimizer, trainset, progress):
         'best_recall': progress['best_recall'],
         'finished': progress.get('finished', False),
         'rng': checkpoints.rng_states(),
-        'dataset_sampler_state': trainset.get_sampler_state(),
     }
 
 
@@ -613,7 +628,7 @@ def save_checkpoint(run, progress, name='latest_checkpoint.pth'):
         return None
     path = os.path.join(run['dir'], name)
     checkpoints.save_atomic(
-        build_checkpoint(run['opt'], run['model'], run['optimizer'], run['trainset'], progress), path)
+        build_checkpoint(run['opt'], run['model'], run['optimizer'], progress), path)
     return path
 
 
@@ -667,11 +682,28 @@ def stop_requested(run, progress):
     return distributed.any_process(run['interrupt'].raised, run['device'])
 
 
+# Tests set this to a path: each process appends what every training batch held (ids, texts,
+# image checksums) to PATH.rank<r>, one JSON line an iteration.
+RECORD_BATCHES_ENV = 'TIRG_RECORD_BATCHES'
+
+
+def record_batch(batch, it):
+    with open(f'{os.environ[RECORD_BATCHES_ENV]}.rank{distributed.rank()}', 'a') as f:
+        f.write(json.dumps({
+            'it': it, 'source': batch['source_img_id'].tolist(),
+            'target': batch['target_img_id'].tolist(), 'mod': batch['mod_str'],
+            'pixels': [round(float(x), 3) for x in batch['source_img_data'].flatten(1).sum(1)
+                       + batch['target_img_data'].flatten(1).sum(1)]}) + '\n')
+
+
 def train_one_epoch(run, loader, progress):
     opt = run['opt']
     bar = tqdm(loader, desc=f'Training for epoch {progress["epoch"]}', dynamic_ncols=True,
                mininterval=1.0, disable=None if distributed.is_main_process() else True)
+    record = RECORD_BATCHES_ENV in os.environ
     for batch in bar:
+        if record:
+            record_batch(batch, progress['it'] + 1)
         try:
             losses = train_one_iteration(opt, run['train_model'], run['optimizer'], batch, run['device'])
         except TrainingStopped as e:
@@ -890,20 +922,20 @@ def wrap_for_training(opt, model, device):
 
 def fit_batch_size(opt, trainset):
     """A training set smaller than --batch_size (a smoke test on a small tree): every epoch is
-    then one batch of all its examples (a multiple of the processes), said once.  With the
-    reference's drop_last batches an epoch would be empty and training would never advance."""
+    then one batch of all its examples, whatever the number of processes (their slices differ by
+    one example at most), said once.  With the reference's drop_last batches an epoch would be
+    empty and training would never advance.  The user's value stays in requested_batch_size, from
+    which a resumed run fits again."""
     count = num_training_examples(trainset)
     if count >= opt.batch_size:
         return
-    processes = distributed.world_size()
-    fitted = count - count % processes
-    least = max(processes, 2 if opt.loss == 'soft_triplet' else 1)
-    if fitted < least:
+    least = max(distributed.world_size(), 2 if opt.loss == 'soft_triplet' else 1)
+    if count < least:
         raise UserError(f'--batch_size={opt.batch_size}: the training split has only {count} '
                         f'examples (at least {least} are needed)')
     distributed.print0(f'--batch_size={opt.batch_size} is larger than the {count} training '
-                       f'examples: using --batch_size={fitted} (one batch an epoch)')
-    opt.requested_batch_size, opt.batch_size = opt.batch_size, fitted
+                       f'examples: using --batch_size={count} (one batch an epoch)')
+    opt.requested_batch_size, opt.batch_size = opt.batch_size, count
 
 
 def load_data(opt):
@@ -954,16 +986,16 @@ def run(opt):
 
 
 def restore_training_state(run, ckpt):
+    """The checkpoint holds the first process's generators; the others draw their own dropout
+    masks, from (seed, rank, iteration).  The examples need no state: they are keyed by position.
+    (A `dataset_sampler_state` of earlier checkpoints, a pending pair, is not needed.)"""
     run['optimizer'].load_state_dict(ckpt['optimizer_state_dict'])
     progress = restore_progress(ckpt)
     checkpoints.set_rng_states(ckpt['rng'])
     rank = distributed.rank()
-    if rank == 0:
-        run['trainset'].set_sampler_state(ckpt.get('dataset_sampler_state'))
-    else:  # the checkpoint holds the first process's data stream; the others draw their own
-        seed = int(np.random.SeedSequence([run['opt'].seed, rank, progress['it']]).generate_state(1)[0])
-        random.seed(seed)
-        np.random.seed(seed)
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([run['opt'].seed, rank, progress['it']])
+                              .generate_state(1)[0]))
     distributed.print0(f'Resuming at iteration {progress["it"]}, epoch {progress["epoch"]}')
     return progress
 

@@ -7,7 +7,6 @@ name starts with `womens`.  Our `test` split is the eval list.
 """
 import os
 
-import numpy as np
 import torch
 
 import datasets
@@ -199,7 +198,13 @@ class Shoes(fashioniq.QuietPhotoDataset):
     def num_training_examples(self):
         return len(self.examples)
 
-    def __getitem__(self, idx):
+    def __getitem__(self, item):
+        """dataset[datasets.DrawKey]: the example at that position (a redraw after an unreadable
+        image keyed by it); dataset[int]: redraws from numpy's global generator."""
+        if isinstance(item, datasets.DrawKey):
+            idx, np_rng = item.index, datasets.keyed_streams(item, item.position)[0]
+        else:
+            idx, np_rng = item, datasets.global_streams()[0]
         idx = int(idx) % len(self.examples)
         for _ in range(datasets.MAX_REDRAWS):
             example = self.examples[idx]
@@ -209,7 +214,7 @@ class Shoes(fashioniq.QuietPhotoDataset):
             except datasets.ImageReadError as e:
                 last_error = e
                 self._report_unreadable(e)
-                idx = np.random.randint(0, len(self.examples))
+                idx = np_rng.randint(0, len(self.examples))
                 continue
             return {'source_img_id': source_id, 'source_img_data': source_img,
                     'source_caption': example['reference'],

@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +15,7 @@ import img_text_composition_models  # noqa: E402
 import test_retrieval  # noqa: E402
 
 GLOBAL_BATCH = 6
+UNEVEN_BATCH = 5
 TRIPLET_SEED = 11
 NUM_GALLERY = 7  # 3 + 4 over two processes
 NUM_QUERIES = 3  # 1 + 2
@@ -53,9 +53,9 @@ def tiny_model_and_batch():
     return model, query_imgs, texts, target_imgs
 
 
-def loss_and_gradients(train_model, model, query_imgs, texts, target_imgs, soft_triplet):
+def loss_and_gradients(train_model, model, query_imgs, texts, target_imgs, soft_triplet, **kwargs):
     model.zero_grad(set_to_none=True)
-    loss = train_model(query_imgs, texts, target_imgs, soft_triplet_loss=soft_triplet)
+    loss = train_model(query_imgs, texts, target_imgs, soft_triplet_loss=soft_triplet, **kwargs)
     loss.backward()
     return {'loss': loss.detach(),
             'query_grad': model.recorded['query'].grad, 'target_grad': model.recorded['target'].grad,
@@ -90,6 +90,11 @@ def features_of(model):
             'read_for_queries': read_for_queries, 'read_for_gallery': read_for_gallery}
 
 
+def dropout_kept():
+    """Which of 1000 units a training-mode dropout layer keeps (its mask)."""
+    return torch.nn.Dropout(0.5).train()(torch.ones(1000)) != 0
+
+
 def main():
     import main as main_module  # main.py: its seeding and DDP wrapping, as training uses them
     device = distributed.device_for_process(torch.device('cpu'))
@@ -97,7 +102,7 @@ def main():
     results = {'world_size': world}
 
     main_module.seed_process(argparse.Namespace(seed=5), rank)
-    results['torch_draw'], results['numpy_draw'] = torch.rand(3), np.random.rand(3)
+    results['dropout_kept'] = dropout_kept()
 
     model, query_imgs, texts, target_imgs = tiny_model_and_batch()
     share = distributed.shard_range(GLOBAL_BATCH)
@@ -109,6 +114,14 @@ def main():
         torch.manual_seed(TRIPLET_SEED + 1000 * rank)
         results[name] = loss_and_gradients(wrapped, model, query_imgs[local], texts[local],
                                            target_imgs[local], soft_triplet)
+    # A global batch that does not divide by the processes (fitted to a small training set):
+    # UNEVEN_BATCH rows, 2 and 3.
+    rows = distributed.slice_rows(UNEVEN_BATCH)
+    start = sum(rows[:rank])
+    local = slice(start, start + rows[rank])
+    torch.manual_seed(TRIPLET_SEED + 1000 * rank)
+    results['uneven'] = loss_and_gradients(wrapped, model, query_imgs[local], texts[local],
+                                           target_imgs[local], True, slice_rows=rows)
 
     model.eval()
     results['features'] = features_of(model)

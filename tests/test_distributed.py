@@ -66,11 +66,33 @@ def test_parameter_gradients_under_ddp_equal_the_single_process_ones(per_process
             assert torch.allclose(grads[param], grad, rtol=1e-5, atol=1e-7), (name, param)
 
 
-def test_processes_share_the_torch_stream_but_not_the_data_stream(per_process):
-    """main.seed_process: dropout and triplets drawn alike everywhere, examples loaded apart."""
-    first, second = per_process
-    assert torch.equal(first['torch_draw'], second['torch_draw'])
-    assert not (first['numpy_draw'] == second['numpy_draw']).any()
+def test_a_batch_that_does_not_divide_by_the_processes_gives_the_single_process_gradient(per_process):
+    """A batch fitted to a small training set: 5 rows as 2 + 3 (main.fit_batch_size)."""
+    model, query_imgs, texts, target_imgs = checks.tiny_model_and_batch()
+    rows = slice(0, checks.UNEVEN_BATCH)
+    torch.manual_seed(checks.TRIPLET_SEED)
+    expected = checks.loss_and_gradients(model, model, query_imgs[rows], texts[rows],
+                                         target_imgs[rows], True)
+    assert [len(r['uneven']['query_grad']) for r in per_process] == [2, 3]
+    gathered = torch.cat([r['uneven']['query_grad'] for r in per_process]) / WORLD
+    assert torch.allclose(gathered, expected['query_grad'], rtol=1e-5, atol=1e-7)
+    for r in per_process:
+        assert torch.allclose(r['uneven']['loss'], expected['loss'], rtol=1e-6)
+        for param, grad in expected['param_grads'].items():
+            assert torch.allclose(r['uneven']['param_grads'][param], grad, rtol=1e-5, atol=1e-7), param
+
+
+def test_dropout_masks_differ_between_processes(per_process):
+    """SPEC 9 (main.seed_process): each slice of the batch is a different sample, so each
+    process's dropout masks are its own (torch seeded with seed + rank); the first process's are
+    those of one process."""
+    import argparse
+    import main
+    first, second = (r['dropout_kept'] for r in per_process)
+    assert 400 < int(first.sum()) < 600 and 400 < int(second.sum()) < 600
+    assert (first != second).sum() > 300  # independent masks disagree on about half the units
+    main.seed_process(argparse.Namespace(seed=5), 0)
+    assert torch.equal(first, checks.dropout_kept())
 
 
 def test_sharded_features_equal_single_process_features_in_order(per_process):

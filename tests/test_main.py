@@ -186,8 +186,7 @@ def test_checkpoint_holds_everything_to_continue(css_root, tmp_path, monkeypatch
     path = os.path.join(run_dir, 'latest_checkpoint.pth')
     ckpt = checkpoints.load(path)  # weights_only: no unrestricted pickle needed
     assert ckpt['format_version'] == checkpoints.FORMAT_VERSION
-    for key in ('vocab', 'optimizer_state_dict', 'epoch', 'batches_done', 'rng', 'best_recall',
-                'dataset_sampler_state'):
+    for key in ('vocab', 'optimizer_state_dict', 'epoch', 'batches_done', 'rng', 'best_recall'):
         assert key in ckpt, key
     assert set(ckpt['rng']) >= {'python', 'numpy', 'torch'}
     assert ckpt['opt'].seed is not None

@@ -432,9 +432,12 @@ def test_a_training_set_smaller_than_the_batch_trains_one_batch_an_epoch_and_res
 
 
 @pytest.mark.parametrize('count, processes, loss, expected', [
-    (18, 1, 'soft_triplet', 18), (18, 4, 'soft_triplet', 16), (40, 4, 'soft_triplet', 32),
-    (3, 4, 'soft_triplet', None), (1, 1, 'soft_triplet', None), (1, 1, 'batch_based_classification', 1)])
-def test_the_fitted_batch_divides_by_the_processes(monkeypatch, capsys, count, processes, loss, expected):
+    (18, 1, 'soft_triplet', 18), (18, 4, 'soft_triplet', 18), (5, 2, 'soft_triplet', 5),
+    (40, 4, 'soft_triplet', 32), (4, 4, 'soft_triplet', 4), (3, 4, 'soft_triplet', None),
+    (1, 1, 'soft_triplet', None), (1, 1, 'batch_based_classification', 1)])
+def test_the_fitted_batch_is_the_whole_set_for_any_number_of_processes(monkeypatch, capsys, count,
+                                                                       processes, loss, expected):
+    """Issue 17.2: the same batch for every number of processes (slices may differ by one)."""
     import distributed
     monkeypatch.setattr(distributed, 'world_size', lambda: processes)
     opt = argparse.Namespace(batch_size=32, loss=loss)

@@ -81,7 +81,7 @@ def test_each_epoch_passes_over_every_example_in_a_new_order(tmp_path, monkeypat
 
     def recording(self, idx):
         if self.split == 'train':
-            asked.append(int(idx))
+            asked.append(idx.index)  # a datasets.DrawKey
         return original(self, idx)
 
     monkeypatch.setattr(datasets.CSSDataset, '__getitem__', recording)
