@@ -69,7 +69,7 @@ class ImageList:
         self.imgs = [{'captions': [f'image {i}']} for i in range(size)]
         self.read = []
 
-    def get_img(self, idx):
+    def get_img(self, idx, raw_img=False):
         self.read.append(idx)
         return torch.arange(4, dtype=torch.float32) * (idx + 1) - idx ** 2
 

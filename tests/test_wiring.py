@@ -184,7 +184,7 @@ def test_best_checkpoint_holds_the_best_logged_recall(tmp_path, monkeypatch):
     data = css_data(tmp_path, 12)
     result = run_main(['--dataset=css3d', f'--dataset_path={data}', '--batch_size=12',
                        '--embed_dim=16', '--img_weights=none', '--loader_num_workers=0',
-                       '--num_iters=24', '--seed=1', '--comment=_best'], cwd=tmp_path)
+                       '--num_iters=24', '--seed=3', '--comment=_best'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     folder = run_dir(tmp_path, '_best')
     logged = [(line['it'], line[TRACKED]) for line in metrics_lines(folder)]
