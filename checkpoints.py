@@ -121,9 +121,16 @@ def load(path):
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f'{path}: model_state_dict is not a dict of named tensors')
-    if not isinstance(ckpt.get('it', 0), int) or isinstance(ckpt.get('it', 0), bool):
+    if not is_count(ckpt.get('it', 0)):
         raise CheckpointError(f'{path}: "it" is not an iteration number')
+    vocab = ckpt.get('vocab', [])
+    if not isinstance(vocab, (list, tuple)) or not all(isinstance(w, str) for w in vocab):
+        raise CheckpointError(f'{path}: "vocab" is not a list of words (a {type(vocab).__name__})')
     return ckpt
+
+
+def is_count(value, least=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def check_format_version(ckpt, path):
@@ -166,14 +173,30 @@ def describe_unsafe_content(path, error):
 
 def check_resumable(ckpt, path):
     """What --resume reads beyond the weights, checked before anything is written."""
-    for key, kind in (('epoch', int), ('batches_done', int), ('optimizer_state_dict', dict),
-                      ('rng', dict)):
+    for key, kind in (('optimizer_state_dict', dict), ('rng', dict)):
         if not isinstance(ckpt.get(key), kind):
             raise CheckpointError(f'{path}: cannot resume from it: "{key}" is missing or not a '
                                   f'{kind.__name__}')
+    for key, least in (('epoch', -1), ('batches_done', 0)):
+        if not is_count(ckpt.get(key), least):
+            raise CheckpointError(f'{path}: cannot resume from it: "{key}" is missing or not an '
+                                  f'integer of {least} or more')
     missing = [k for k in ('python', 'numpy', 'torch') if k not in ckpt['rng']]
     if missing:
         raise CheckpointError(f'{path}: cannot resume from it: no {missing[0]} random state')
+    check_rng_states(ckpt['rng'], path)
+
+
+def check_rng_states(states, path):
+    """Malformed random states are found by the setters themselves, tried here and undone."""
+    current = rng_states()
+    try:
+        set_rng_states(states)
+    except Exception as e:  # TypeError, ValueError, RuntimeError, ... by part and by fault
+        raise CheckpointError(f'{path}: cannot resume from it: its random state is malformed '
+                              f'({first_line(e)})') from None
+    finally:
+        set_rng_states(current)
 
 
 def rng_states():

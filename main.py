@@ -28,6 +28,7 @@ import datasets
 import distributed
 import img_text_composition_models
 import paper_composers
+import run_lock
 import test_retrieval
 import text_model
 from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_flags,  # noqa: F401
@@ -428,6 +429,61 @@ def options_for_resume(opt, ckpt):
     return resumed
 
 
+# Options a checkpoint stores that say how that session was started, not what it trains.
+UNCHECKED_SAVED_OPTIONS = {'f', 'resume', 'checkpoint', 'test_only'}
+TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a text'}
+
+
+def load_checkpoint(path):
+    """checkpoints.load, then the checkpoint's options checked as flags: they are input too."""
+    ckpt = checkpoints.load(path)
+    check_checkpoint_options(ckpt, path)
+    return ckpt
+
+
+def check_checkpoint_options(ckpt, path):
+    """Each option a checkpoint stores is parsed and checked exactly as the same flag on the
+    command line: types and choices by get_args_parser(), then check_opt.  Flags added to the
+    parser are covered without a list here.  Options the parser does not know are left alone."""
+    saved = ckpt.get('opt')
+    if saved is None:
+        return
+    if not isinstance(saved, argparse.Namespace):
+        raise checkpoints.CheckpointError(f'{path}: its options ("opt") are a '
+                                          f'{type(saved).__name__}, not an argparse Namespace')
+
+    def refuse(message):
+        raise checkpoints.CheckpointError(f'{path}: its stored options are not valid flags: {message}')
+    parser = get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    stored = {name: getattr(saved, name) for name in defaults
+              if hasattr(saved, name) and name not in UNCHECKED_SAVED_OPTIONS}
+    argv = []
+    for name, value in stored.items():
+        if isinstance(defaults[name], bool):  # a store_true flag
+            if not isinstance(value, bool):
+                refuse(f'--{name}={value!r}: expected True or False')
+            argv += [f'--{name}'] if value else []
+        elif value is None and defaults[name] is None:
+            continue
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            argv.append(f'--{name}={value}')
+        else:
+            refuse(f'--{name}={value!r}: a {type(value).__name__}, not a value a flag can take')
+    parser.error = refuse  # argparse's own message: invalid choice, invalid int value, ...
+    parsed = parser.parse_args(argv)
+    for name, value in stored.items():
+        flag_value = getattr(parsed, name)
+        same = type(flag_value) is type(value) or (isinstance(flag_value, float) and type(value) is int)
+        if value is not None and not same:
+            refuse(f'--{name}={value!r}: a {type(value).__name__}, expected '
+                   f'{TYPE_NAMES.get(type(flag_value), type(flag_value).__name__)}')
+    try:
+        check_opt(parsed)
+    except UserError as e:
+        refuse(str(e))
+
+
 def check_resume_target(opt, ckpt):
     it = int(ckpt['it'])
     if opt.num_iters < it or (opt.num_iters == it and ckpt.get('finished', False)):
@@ -470,6 +526,28 @@ def create_run_folder(comment):
     raise UserError(f'runs/: cannot create a new run folder for {stamp}{comment}')
 
 
+class RefusedByFirstProcess(Exception):
+    """Under torchrun: the first process refused to start and says why; the others exit quietly."""
+
+
+def lock_resumed_run_folder(opt):
+    """A run continuing in its folder holds the folder's lock from before any data is read until
+    it exits (a new run folder is locked as it is created).  Under torchrun the first process,
+    the only one that writes, takes it, after the process group exists: every process learns the
+    outcome from it, so none waits in a collective for a process that has left."""
+    if not (opt.resume and resume_in_place(opt.resume)):
+        return
+    refusal = None
+    if distributed.is_main_process():
+        try:
+            run_lock.acquire(os.path.dirname(os.path.abspath(opt.resume)))
+        except run_lock.FolderInUse as e:
+            refusal = str(e)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise run_lock.FolderInUse(refusal) if distributed.is_main_process() else RefusedByFirstProcess()
+
+
 def open_run(opt):
     """The run folder and its tensorboard writer.  A run resumed from its latest checkpoint keeps
     writing in its own folder, dropping any events logged after that checkpoint."""
@@ -481,6 +559,7 @@ def open_run(opt):
         logger = SummaryWriter(logdir=run_dir, purge_step=opt.resume_it + 1)
     else:
         run_dir = create_run_folder(opt.comment)
+        run_lock.acquire(run_dir)
         logger = SummaryWriter(logdir=run_dir)
         for key, value in sorted(vars(opt).items()):
             logger.add_text(key, str(value))
@@ -848,14 +927,14 @@ def restore_progress(ckpt):
 def prepare_options(opt):
     """Every check that needs no data, before anything is written."""
     check_opt(opt)
-    resume_ckpt = checkpoints.load(opt.resume) if opt.resume else None
+    resume_ckpt = load_checkpoint(opt.resume) if opt.resume else None
     if resume_ckpt is not None:
         opt = options_for_resume(opt, resume_ckpt)
         opt.resume_it = int(resume_ckpt['it'])
         check_resume_target(opt, resume_ckpt)
     init_ckpt, init_path = resume_ckpt, opt.resume
     if init_ckpt is None and opt.checkpoint:
-        init_ckpt, init_path = checkpoints.load(opt.checkpoint), opt.checkpoint
+        init_ckpt, init_path = load_checkpoint(opt.checkpoint), opt.checkpoint
         adopt_checkpoint_dataset(opt, init_ckpt, init_path)
         adopt_checkpoint_query_images(opt, init_ckpt)
     # After the checkpoint's dataset is adopted: a CIRR checkpoint needs no --dataset=cirr.
@@ -955,6 +1034,7 @@ def load_data(opt):
 def run(opt):
     opt, resume_ckpt, init_ckpt, init_path = prepare_options(opt)
     device = distributed.device_for_process(select_device(opt.device))
+    lock_resumed_run_folder(opt)
     check_processes(opt)
     if opt.seed is None:
         opt.seed = distributed.broadcast_object(random.SystemRandom().randrange(2 ** 31))
@@ -1001,7 +1081,7 @@ def restore_training_state(run, ckpt):
 
 
 USER_ERRORS = (UserError, datasets.DatasetError, checkpoints.CheckpointError, TrainingStopped,
-               OSError)  # OSError: a folder that cannot be written, a full disk: not a bug to trace
+               run_lock.FolderInUse, OSError)  # OSError: a folder that cannot be written, a full disk: not a bug to trace
 
 
 def main(argv=None):
@@ -1011,10 +1091,13 @@ def main(argv=None):
     except USER_ERRORS as e:
         print(f'main.py: error: {e}', file=sys.stderr)
         return 1
+    except RefusedByFirstProcess:
+        return 1
     except KeyboardInterrupt:
         print('\nAborted.', file=sys.stderr)
         return 130
     finally:
+        run_lock.release_all()
         distributed.cleanup()
 
 

@@ -178,7 +178,7 @@ def load_model_and_gallery(opt):
     """The checkpoint's model (eval mode, on opt.device) and the gallery dataset, as main.py
     loads them.  main.py's progress lines are dropped: stdout is for the results."""
     with contextlib.redirect_stdout(io.StringIO()):
-        ckpt = checkpoints.load(opt.checkpoint)
+        ckpt = main.load_checkpoint(opt.checkpoint)
         adopt_checkpoint_dataset(opt, ckpt)
         experiment.adopt_checkpoint_query_images(opt, ckpt)
         opt.css_query_images = opt.css_query_images or '3d'

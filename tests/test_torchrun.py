@@ -95,3 +95,29 @@ def test_sigterm_to_torchrun_saves_and_torchrun_resumes(css_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert checkpoints.load(path)['it'] == it + 4
     assert len(run_folders(tmp_path)) == 1
+
+
+def test_a_resume_under_torchrun_of_a_run_in_use_is_refused_by_the_first_process(css_root, tmp_path):
+    """Issue 18, item 1: the first process takes the run folder's lock after the process group
+    exists and tells the others, so every process exits 1 at once and only one line is printed."""
+    import socket
+    import run_lock
+    flags = TINY + [f'--dataset_path={css_root}', '--batch_size=8', '--comment=_held']
+    assert run_main(flags + ['--num_iters=2'], cwd=tmp_path).returncode == 0
+    (run_dir,) = run_folders(tmp_path)
+    run_lock.acquire(run_dir)  # this process holds the run, as a run still training would
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    try:
+        result = subprocess.run(torchrun(*flags, '--num_iters=4',
+                                         f'--resume={run_dir}/latest_checkpoint.pth'),
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    finally:
+        run_lock.release(run_dir)
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if 'main.py: error' in l]
+    assert errors == [f'main.py: error: {run_dir}: this run folder is in use by process '
+                      f'{os.getpid()} on {socket.gethostname()}; two processes never write into '
+                      f'one run: wait for it to end (or stop it), then resume'], result.stderr[-3000:]
+    assert 'File "' + MAIN not in result.stderr  # no traceback from either process
+    assert 'Reading dataset' not in result.stdout
+    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before

@@ -1,0 +1,75 @@
+"""An exclusive lock on a run folder for the run's whole life, so that two processes never write
+into one run (two --resume of the same run, or a resume while the run still trains).
+
+The lock is fcntl.flock on `run.lock` inside the folder, held on a file descriptor this process
+keeps open: the kernel releases it when the process ends, however it ends (kill -9 included), so
+no stale lock is ever left to clean up.  The file names the holder (host and pid) for the refusal.
+"""
+import fcntl
+import os
+import socket
+
+LOCK_FILE = 'run.lock'
+
+_held = {}  # folder -> file descriptor holding its lock
+
+
+class FolderInUse(Exception):
+    """Another process holds the run folder: one line naming it."""
+
+
+def acquire(folder):
+    """Lock `folder` for this process, or raise FolderInUse naming the holder.  Nothing in the
+    folder is written when the lock is refused."""
+    folder = os.path.abspath(folder)
+    if folder in _held:
+        return
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise FolderInUse(f'{folder}: this run folder is in use by {holder}; two processes never '
+                          f'write into one run: wait for it to end (or stop it), then resume') from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{socket.gethostname()} {os.getpid()}\n'.encode(), 0)
+    _held[folder] = fd
+
+
+def _read_holder(fd):
+    try:
+        host, pid = os.pread(fd, 4096, 0).decode().split()
+        return f'process {int(pid)} on {host}'
+    except (OSError, ValueError, UnicodeDecodeError):  # the holder is writing its name right now
+        return 'another process'
+
+
+def release(folder):
+    fd = _held.pop(os.path.abspath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release_all():
+    """At the end of main(): a later run in the same interpreter (tests, notebooks) may lock the
+    folder again."""
+    for folder in list(_held):
+        release(folder)
+
+
+def _forget_in_child():
+    """A forked child (a DataLoader worker) does not keep the lock alive after this process dies:
+    flock locks belong to the open file, which the child shares until it closes its copy."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

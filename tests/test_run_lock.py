@@ -1,0 +1,110 @@
+"""A run holds an exclusive lock on its folder for its whole life (issue 18, item 1): a second
+process that wants the folder refuses in one line naming the holder, before writing anything,
+and a killed run leaves no stale lock."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY, read_scalars, run_main
+
+import checkpoints
+import run_lock
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1')
+
+
+def latest_it(path):
+    try:
+        return checkpoints.load(path)['it']
+    except checkpoints.CheckpointError:
+        return None  # being replaced right now
+
+
+def folder_state(run_dir):
+    return {name: os.path.getsize(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+
+
+def test_two_resumes_of_one_run_at_once_one_trains_the_other_names_it(css_root, tmp_path):
+    base = TINY + [f'--dataset_path={css_root}', '--seed=5', '--comment=_lock']
+    assert run_main(base + ['--num_iters=2'], cwd=tmp_path).returncode == 0
+    (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_lock'))
+    path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    command = [sys.executable, os.path.join(REPO, 'main.py')] + base + [
+        '--num_iters=100000', f'--resume={path}']
+    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=ENV) for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.1)
+        (refused,) = [p for p in procs if p.poll() is not None]
+        (holder,) = [p for p in procs if p is not refused]
+        out, err = refused.communicate()
+        assert refused.returncode == 1, err
+        assert err == (f'main.py: error: {run_dir}: this run folder is in use by process '
+                       f'{holder.pid} on {socket.gethostname()}; two processes never write into '
+                       f'one run: wait for it to end (or stop it), then resume\n')
+        assert 'Run folder' not in out and 'Reading dataset' not in out
+        # A resume while the run still trains is refused the same way (here, in this process),
+        # and writes nothing into the folder.
+        while latest_it(path) in (None, 2) and holder.poll() is None:
+            time.sleep(0.1)
+        holder.send_signal(signal.SIGSTOP)  # no save between the two looks at the folder
+        before = folder_state(run_dir)
+        result = run_main(base + ['--num_iters=100000', f'--resume={path}'], cwd=tmp_path)
+        assert result.returncode == 1 and f'process {holder.pid} on' in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert folder_state(run_dir) == before
+        holder.send_signal(signal.SIGCONT)
+        holder.send_signal(signal.SIGTERM)  # the holder saves and exits
+        stdout, stderr = holder.communicate(timeout=60)
+        assert holder.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    # The holder's run is whole: its checkpoint, one metrics line per evaluation in order, and
+    # events of one writer (every scalar step once).
+    it = checkpoints.load(path)['it']
+    assert it > 2
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    its = [l['it'] for l in lines]
+    assert its == sorted(set(its)) and its[-1] <= it
+    steps = [step for step, _ in read_scalars(run_dir)['learning_rate']]
+    assert steps == sorted(set(steps))
+    assert not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]
+    # The lock ended with the holder: the run resumes.
+    result = run_main(base + [f'--num_iters={it + 1}', f'--resume={path}'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert checkpoints.load(path)['it'] == it + 1
+
+
+def test_a_killed_holder_leaves_no_stale_lock_and_forked_children_do_not_keep_it(tmp_path):
+    folder = str(tmp_path)
+    holder = subprocess.Popen([sys.executable, '-c', (
+        'import os, sys, time; sys.path.insert(0, sys.argv[1]); import run_lock\n'
+        'run_lock.acquire(sys.argv[2])\n'
+        'child = os.fork()\n'
+        'if child == 0:\n    time.sleep(60)\n    os._exit(0)\n'
+        'print(child, flush=True); time.sleep(60)'), REPO, folder],
+        stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(run_lock.FolderInUse, match=f'in use by process {holder.pid} on '):
+            run_lock.acquire(folder)
+        holder.kill()  # SIGKILL; its forked child lives on, and must not hold the lock
+        holder.wait()
+        run_lock.acquire(folder)
+        with open(os.path.join(folder, run_lock.LOCK_FILE)) as f:
+            assert f.read() == f'{socket.gethostname()} {os.getpid()}\n'
+    finally:
+        run_lock.release(folder)
+        os.kill(child, signal.SIGKILL)
