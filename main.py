@@ -623,6 +623,42 @@ def write_options_file(run_dir, opt, device):
             os.remove(tmp)
 
 
+def evaluates_first(opt, ckpt, trainset):
+    """Whether a run resumed from `ckpt` starts by redoing the evaluation at its iteration: the
+    final one (the run stopped between the final test and its last save) or an epoch start's
+    (a failed or interrupted one, which saved before it)."""
+    per_epoch = num_training_examples(trainset) // opt.batch_size
+    return int(ckpt['it']) >= opt.num_iters or int(ckpt['batches_done']) >= per_epoch
+
+
+def drop_metrics_after_checkpoint(run_dir, ckpt, evaluates_first):
+    """metrics.jsonl as it was at the checkpoint, as purge_step does for the tensorboard events:
+    an evaluation logged after it (the process was killed before it saved) is written again by
+    the resumed run.  Rewritten through a temporary file, so a kill now loses nothing."""
+    path = os.path.join(run_dir, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    last = int(ckpt['it']) - (1 if evaluates_first else 0)
+    kept = [line for n, line in enumerate(lines)
+            if not logged_after(line, last, torn=n == len(lines) - 1 and not line.endswith('\n'))]
+    if len(kept) < len(lines):
+        checkpoints.write_text_atomic(''.join(kept), path)
+        print(f'{path}: dropped {len(lines) - len(kept)} lines logged after the checkpoint '
+              f'(iteration {ckpt["it"]}); the resumed run writes them again')
+
+
+def logged_after(line, it, torn=False):
+    """A line of an evaluation after iteration `it`, or the torn last line of a killed write."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return torn  # a line of someone else's stays
+    logged = record.get('it') if isinstance(record, dict) else None
+    return isinstance(logged, int) and logged > it
+
+
 def append_metrics_line(run_dir, record):
     with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
@@ -1046,6 +1082,8 @@ def run(opt):
     if not opt.test_only:
         fit_batch_size(opt, trainset)
     logger, run_dir = open_run(opt)
+    if run_dir is not None and resume_ckpt is not None and resume_in_place(opt.resume):
+        drop_metrics_after_checkpoint(run_dir, resume_ckpt, evaluates_first(opt, resume_ckpt, trainset))
     run = {'opt': opt, 'model': model, 'trainset': trainset, 'testset': testset, 'device': device,
            'logger': logger, 'dir': run_dir, 'optimizer': None}
     try:

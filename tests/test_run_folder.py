@@ -1,6 +1,7 @@
-"""A run holds an exclusive lock on its folder for its whole life (issue 18, item 1): a second
-process that wants the folder refuses in one line naming the holder, before writing anything,
-and a killed run leaves no stale lock."""
+"""A run folder is one run's (issue 18): the run holds an exclusive lock on it for its whole life,
+so a second process that wants the folder refuses in one line naming the holder, before writing
+anything, and a killed run leaves no stale lock (item 1); a run resumed after a kill -9 writes
+each evaluation once in metrics.jsonl (item 4)."""
 import glob
 import json
 import os
@@ -108,3 +109,56 @@ def test_a_killed_holder_leaves_no_stale_lock_and_forked_children_do_not_keep_it
     finally:
         run_lock.release(folder)
         os.kill(child, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl after a kill -9 (item 4)
+
+KILLED_AT = {
+    # SIGKILL right after the metrics line of the first evaluation (it 9), before its save.
+    'after a metrics line': (
+        'real = main.append_metrics_line\n'
+        'def hook(*args):\n    real(*args)\n    os.kill(os.getpid(), signal.SIGKILL)\n'
+        'main.append_metrics_line = hook\n'),
+    # SIGKILL between the two saves that end a run: the checkpoint at the last iteration is not
+    # marked finished, so the resumed run redoes the final evaluation.
+    'before the finished save': (
+        'real = main.save_checkpoint\n'
+        'def hook(run, progress, *args):\n'
+        '    if progress.get("finished"):\n        os.kill(os.getpid(), signal.SIGKILL)\n'
+        '    return real(run, progress, *args)\n'
+        'main.save_checkpoint = hook\n'),
+}
+
+
+@pytest.mark.parametrize('moment, num_iters, logged, saved_it, final', [
+    ('after a metrics line', 12, [9], 0, [9, 12]), ('before the finished save', 5, [5], 5, [5])])
+def test_a_resume_after_kill_9_writes_each_evaluation_once(css_root, tmp_path, moment, num_iters,
+                                                           logged, saved_it, final):
+    args = TINY + [f'--dataset_path={css_root}', '--seed=3', '--comment=_k9', f'--num_iters={num_iters}']
+    script = ('import os, signal, sys\nsys.path.insert(0, sys.argv[1])\nimport main\n' +
+              KILLED_AT[moment] + 'sys.exit(main.main(sys.argv[2:]))')
+    killed = subprocess.run([sys.executable, '-c', script, REPO] + args, cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_k9'))
+    metrics = os.path.join(run_dir, 'metrics.jsonl')
+    path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    assert [json.loads(l)['it'] for l in open(metrics)] == logged
+    assert checkpoints.load(path)['it'] == saved_it
+    result = run_main(args + [f'--resume={path}'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'dropped 1 lines logged after the checkpoint' in result.stdout
+    assert [json.loads(l)['it'] for l in open(metrics)] == final
+    assert not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]
+
+
+def test_only_the_lines_after_the_checkpoint_are_dropped(tmp_path):
+    import main
+    lines = ['{"it": 9, "epoch": 1}\n', 'a line someone added\n', '{"it": 18, "epoch": 2}\n',
+             '{"it": 27, "epoch": 3}\n', '{"it": 30, "ep']  # the last write was torn by a kill
+    (tmp_path / 'metrics.jsonl').write_text(''.join(lines))
+    main.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=False)
+    assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:3])
+    main.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=True)
+    assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
