@@ -551,16 +551,16 @@ def lock_resumed_run_folder(opt):
 def open_run(opt):
     """The run folder and its tensorboard writer.  A run resumed from its latest checkpoint keeps
     writing in its own folder, dropping any events logged after that checkpoint."""
-    from tensorboardX import SummaryWriter
+    from event_log import EventLog
     if not distributed.is_main_process():
         return NullLogger(), None
     if opt.resume and resume_in_place(opt.resume):
         run_dir = os.path.dirname(os.path.abspath(opt.resume))
-        logger = SummaryWriter(logdir=run_dir, purge_step=opt.resume_it + 1)
+        logger = EventLog(run_dir, purge_step=opt.resume_it + 1)
     else:
         run_dir = create_run_folder(opt.comment)
         run_lock.acquire(run_dir)
-        logger = SummaryWriter(logdir=run_dir)
+        logger = EventLog(run_dir)
         for key, value in sorted(vars(opt).items()):
             logger.add_text(key, str(value))
         if opt.resume:
@@ -612,15 +612,9 @@ def write_options_file(run_dir, opt, device):
     path = os.path.join(run_dir, OPTIONS_FILE)
     if os.path.exists(path):
         return
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(run_record(opt, device), f, indent=1, default=str)
-            f.write('\n')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # A failed write (a full disk) is one line naming the file.
+    checkpoints.write_text_atomic(json.dumps(run_record(opt, device), indent=1, default=str) + '\n',
+                                  path)
 
 
 def evaluates_first(opt, ckpt, trainset):

@@ -35,8 +35,12 @@ def acquire(folder):
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f'{socket.gethostname()} {os.getpid()}\n'.encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{socket.gethostname()} {os.getpid()}\n'.encode(), 0)
+    except OSError as e:  # a full disk
+        os.close(fd)
+        raise OSError(f'{os.path.join(folder, LOCK_FILE)}: cannot write ({e.strerror})') from None
     _held[folder] = fd
 
 

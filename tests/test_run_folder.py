@@ -162,3 +162,26 @@ def test_only_the_lines_after_the_checkpoint_are_dropped(tmp_path):
     assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:3])
     main.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=True)
     assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# A completely full disk (item 10)
+
+def test_a_full_disk_from_the_start_is_one_line_naming_the_events_file(css_root, tmp_path):
+    """Files past 1000 bytes fail as on a full disk: the first writes of the tensorboard events
+    fail, in tensorboardX's writer thread, its flush and its exit handler."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+    args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
+        f'--dataset_path={css_root}', '--num_iters=3', '--comment=_full']
+    # No bytecode: a .pyc cut at 1000 bytes would break the next import of the module.
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size, env=dict(ENV, PYTHONDONTWRITEBYTECODE='1'))
+    assert result.returncode == 1, result.stderr[-3000:]
+    (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_full'))
+    (events,) = glob.glob(os.path.join(run_dir, 'events.out.tfevents.*'))
+    assert result.stderr == (f'main.py: error: {os.path.relpath(events, tmp_path)}: cannot write '
+                             f'(File too large); the events written before are kept\n')
