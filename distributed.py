@@ -2,6 +2,7 @@
 and gathering features across processes.  Without torchrun's environment every function here is
 the single-process identity, so main.py has one code path."""
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,51 @@ def device_for_process(device):
         dist.init_process_group('nccl', device_id=device)
     else:
         dist.init_process_group('gloo')
+    _processes[:] = [None] * world_size()
+    dist.all_gather_object(_processes, (socket.gethostname(), os.getpid()))
     return device
+
+
+_processes = []  # (host, pid) of every process, by rank, gathered when the group is set up
+
+# How a collective fails when another process is gone (gloo; nccl's watchdog aborts instead).
+LOST_PEER_MESSAGES = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe',
+                      'Connection refused')
+
+
+def describe_lost_process(error):
+    """One line saying which process ended, when `error` is a collective that failed because
+    another process is gone (killed, crashed); None for any other error."""
+    if not is_initialized() or not isinstance(error, RuntimeError):
+        return None
+    host = socket.gethostname()
+    lost = [(r, pid) for r, (h, pid) in enumerate(_processes)
+            if h == host and r != rank() and _process_ended(pid)]
+    if lost:
+        r, pid = lost[0]
+        return (f'process {r} of {world_size()} (pid {pid} on {host}) ended unexpectedly (killed '
+                f'or crashed), so the training stopped')
+    if any(message in str(error) for message in LOST_PEER_MESSAGES):
+        return (f'a process on another machine ended unexpectedly (killed or crashed), so the '
+                f'training stopped ({error.__class__.__name__}: connection lost)')
+    return None
+
+
+def _process_ended(pid):
+    """Gone, or a zombie that its launcher has not reaped yet."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
 
 
 def cleanup():

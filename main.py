@@ -1125,6 +1125,13 @@ def main(argv=None):
         return 1
     except RefusedByFirstProcess:
         return 1
+    except RuntimeError as e:
+        lost = distributed.describe_lost_process(e)
+        if lost is None:
+            raise
+        # After the first process saved (save_before_failing): one line, not gloo's traceback.
+        print(f'main.py: error: {lost}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print('\nAborted.', file=sys.stderr)
         return 130

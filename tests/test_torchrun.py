@@ -121,3 +121,30 @@ def test_a_resume_under_torchrun_of_a_run_in_use_is_refused_by_the_first_process
     assert 'File "' + MAIN not in result.stderr  # no traceback from either process
     assert 'Reading dataset' not in result.stdout
     assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
+
+
+def test_a_process_killed_with_sigkill_is_named_in_one_line_after_the_save(css_root, tmp_path):
+    """Issue 18, item 14: the first process saves, then says which process was lost, instead of
+    gloo's 'Connection reset by peer' traceback."""
+    import socket
+    flags = TINY + [f'--dataset_path={css_root}', '--seed=6', '--batch_size=8', '--num_iters=100000']
+    proc = subprocess.Popen(torchrun(*flags), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 180
+    while time.time() < deadline and not glob.glob(os.path.join(str(tmp_path), 'runs', '*', 'latest_checkpoint.pth')):
+        time.sleep(0.2)
+    time.sleep(1)  # training
+    workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+    (second,) = [int(pid) for pid in workers
+                 if b'RANK=1' in open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')]
+    os.kill(second, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    (path,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*', 'latest_checkpoint.pth'))
+    saved = f'Saved {path} at iteration {checkpoints.load(path)["it"]}'
+    lost = (f'main.py: error: process 1 of 2 (pid {second} on {socket.gethostname()}) ended '
+            f'unexpectedly (killed or crashed), so the training stopped')
+    assert saved in stderr and lost in stderr, stderr[-3000:]
+    assert stderr.index(saved) < stderr.index(lost)
+    assert 'Connection reset by peer' not in stderr and '[rank0]' not in stderr, stderr[-3000:]
+    assert 'File "' + MAIN not in stderr
