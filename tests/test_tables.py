@@ -55,8 +55,8 @@ def test_a_failed_options_write_leaves_no_file(tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(main.json, 'dump', fail)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(main.checkpoints.os, 'replace', fail)  # the write done, its rename fails
+    with pytest.raises(OSError, match='options.json: cannot write \\(No space left on device\\)'):
         main.write_options_file(str(tmp_path), opt, torch.device('cpu'))
     assert os.listdir(tmp_path) == []
 
