@@ -8,6 +8,7 @@ no stale lock is ever left to clean up.  The file names the holder (host and pid
 import fcntl
 import os
 import socket
+import time
 
 LOCK_FILE = 'run.lock'
 
@@ -36,20 +37,24 @@ def acquire(folder):
         os.close(fd)
         raise
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f'{socket.gethostname()} {os.getpid()}\n'.encode(), 0)
+        holder = f'{socket.gethostname()} {os.getpid()}\n'.encode()
+        os.pwrite(fd, holder, 0)  # over the previous holder's name: the file is never empty again
+        os.ftruncate(fd, len(holder))
     except OSError as e:  # a full disk
         os.close(fd)
         raise OSError(f'{os.path.join(folder, LOCK_FILE)}: cannot write ({e.strerror})') from None
     _held[folder] = fd
 
 
-def _read_holder(fd):
-    try:
-        host, pid = os.pread(fd, 4096, 0).decode().split()
-        return f'process {int(pid)} on {host}'
-    except (OSError, ValueError, UnicodeDecodeError):  # the holder is writing its name right now
-        return 'another process'
+def _read_holder(fd, attempts=20):
+    """The holder's name; a holder that has just taken a new lock writes it a moment later."""
+    for _ in range(attempts):
+        try:
+            host, pid = os.pread(fd, 4096, 0).decode().split()
+            return f'process {int(pid)} on {host}'
+        except (OSError, ValueError, UnicodeDecodeError):
+            time.sleep(0.05)
+    return 'another process'
 
 
 def release(folder):
