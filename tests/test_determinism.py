@@ -221,3 +221,33 @@ def test_a_fitted_batch_is_the_same_with_two_processes_and_resumes_from_the_user
     assert read_records(str(tmp_path / 'resumed'), ranks=2) == {it: straight[it] for it in (3, 4)}
     ckpt = checkpoints.load(path)
     assert ckpt['it'] == 4 and (ckpt['opt'].batch_size, ckpt['opt'].requested_batch_size) == (9, 32)
+
+
+def test_redraws_after_an_unreadable_image_are_keyed_and_keep_a_pair_together(tmp_path, capsys):
+    """MIT-States with image 0 truncated: the redrawn examples are the same in any order, and a
+    pair whose source was unreadable moves to one fresh source for both its positions."""
+    from test_mitstates import write_mitstates_fixture
+    root = write_mitstates_fixture(str(tmp_path / 'mit'))
+    make = lambda: datasets.MITStates(root, 'train')
+    bad = make().imgs[0]['file_path']
+    with open(bad, 'rb') as f:
+        data = f.read()
+    with open(bad, 'wb') as f:
+        f.write(data[:len(data) // 2])
+    keys = epoch_keys(4 * len(make()), seed=4, epoch=1)
+
+    def draw(order):
+        dataset, found = make(), {}
+        for i in order:
+            e = dataset[keys[i]]
+            found[i] = (e['source_img_id'], e['target_img_id'])
+        return [found[i] for i in range(len(keys))]
+
+    forward = draw(range(len(keys)))
+    assert draw(reversed(range(len(keys)))) == forward
+    assert all(0 not in ids for ids in forward)
+    redrawn = [k for k in range(0, len(keys), 2) if keys[k].pair_index == 0]
+    assert redrawn
+    for k in redrawn:
+        assert forward[k][0] == forward[k + 1][0] != 0
+    assert bad in capsys.readouterr().err
