@@ -48,8 +48,9 @@ Sections (one line per figure: both timings and their ratio):
              (the reference's five, the paper's other methods, TIRG's ablations) at embed_dim 512,
              batch --batch_size at --model_image_size px (default 224, the photo datasets' crop),
              random images in memory, --img_weights=none; median over --model_iters rounds that
-             time every model once each, as a ratio to TIRG's; then each model's peak resident
-             memory during one iteration, in a forked child (CPU).
+             time every model once each, as a ratio to TIRG's; and each model's peak resident
+             memory during its first iteration, in a forked child (CPU): the process holds all
+             the models, so the peak is an upper bound of one model's.
 
 Timings are wall-clock (time.perf_counter), after warm-up, medians of repeats where cheap; on
 CUDA the device is synchronised around every timed region.  Machines shared with other work give
@@ -1067,20 +1068,22 @@ def model_training_step(name, args, device):
 
 
 def bench_models(args, device):
-    """Every model's iteration, timed in rounds (each round times every model once, so that the
-    machine's load hits all alike), median over rounds; then each one's peak resident memory
-    during one iteration, in a forked child (CPU)."""
+    """Each model's peak resident memory during one iteration, in a forked child (CPU); then every
+    model's iteration, timed in rounds (each round times every model once, so that the machine's
+    load hits all alike), median over rounds."""
     names = list(img_text_composition_models.MODELS)
     steps = {name: model_training_step(name, args, device) for name in names}
+    memory = {}
+    if device.type == 'cpu' and not args.skip_model_memory:
+        # Before any iteration here: each child's first iteration allocates its activations,
+        # gradients and momentum afresh instead of reusing what this process freed.
+        memory = {name: peak_memory(steps[name]) for name in names}
     times = {name: [] for name in names}
     for r in range(1 + args.model_iters):  # the first round warms up
         for name in names:
             seconds, _ = timed(steps[name], device)
             if r:
                 times[name].append(seconds)
-    memory = {}
-    if device.type == 'cpu' and not args.skip_model_memory:
-        memory = {name: peak_memory(steps[name]) for name in names}
     base = statistics.median(times['tirg'])
     lines, result = [], {'image_size': args.model_image_size, 'batch_size': args.batch_size,
                          'iters': args.model_iters, 'models': {}}
