@@ -617,12 +617,12 @@ def write_options_file(run_dir, opt, device):
                                   path)
 
 
-def evaluates_first(opt, ckpt, trainset):
-    """Whether a run resumed from `ckpt` starts by redoing the evaluation at its iteration: the
-    final one (the run stopped between the final test and its last save) or an epoch start's
-    (a failed or interrupted one, which saved before it)."""
-    per_epoch = num_training_examples(trainset) // opt.batch_size
-    return int(ckpt['it']) >= opt.num_iters or int(ckpt['batches_done']) >= per_epoch
+def redoes_final_evaluation(opt, ckpt):
+    """Whether a run resumed from `ckpt` starts by redoing the final evaluation at its iteration
+    (the run stopped between that evaluation and the save marking it finished).  An epoch start
+    redone after a failed or interrupted evaluation logged nothing at the checkpoint's iteration;
+    a finished run's final evaluation stays, as its result."""
+    return not ckpt.get('finished', False) and int(ckpt['it']) >= opt.num_iters
 
 
 def drop_metrics_after_checkpoint(run_dir, ckpt, evaluates_first):
@@ -1077,7 +1077,7 @@ def run(opt):
         fit_batch_size(opt, trainset)
     logger, run_dir = open_run(opt)
     if run_dir is not None and resume_ckpt is not None and resume_in_place(opt.resume):
-        drop_metrics_after_checkpoint(run_dir, resume_ckpt, evaluates_first(opt, resume_ckpt, trainset))
+        drop_metrics_after_checkpoint(run_dir, resume_ckpt, redoes_final_evaluation(opt, resume_ckpt))
     run = {'opt': opt, 'model': model, 'trainset': trainset, 'testset': testset, 'device': device,
            'logger': logger, 'dir': run_dir, 'optimizer': None}
     try:
