@@ -170,29 +170,11 @@ class CIRR(fashioniq.QuietPhotoDataset):
         return len(self.entries)
 
     def __getitem__(self, item):
-        """dataset[datasets.DrawKey]: the entry at that position (a redraw after an unreadable
-        image keyed by it); dataset[int]: redraws from numpy's global generator."""
-        if isinstance(item, datasets.DrawKey):
-            idx, np_rng = item.index, datasets.keyed_streams(item, item.position)[0]
-        else:
-            idx, np_rng = item, datasets.global_streams()[0]
-        idx = int(idx) % len(self.entries)
-        for _ in range(datasets.MAX_REDRAWS):
+        """The entry at `item` (QuietPhotoDataset.triplet_example); nothing is drawn but redraws."""
+        def triplet_at(idx, py_rng):
             entry = self.entries[idx]
-            source_id, target_id = self.name_to_id[entry['reference']], self.name_to_id[entry['target']]
-            try:
-                source_img, target_img = self.get_img(source_id), self.get_img(target_id)
-            except datasets.ImageReadError as e:
-                last_error = e
-                self._report_unreadable(e)
-                idx = np_rng.randint(0, len(self.entries))
-                continue
-            return {'source_img_id': source_id, 'source_img_data': source_img,
-                    'source_caption': entry['reference'],
-                    'target_img_id': target_id, 'target_img_data': target_img,
-                    'target_caption': entry['target'], 'mod': {'str': entry['caption']}}
-        raise datasets.DatasetError(f'{self.path}: {datasets.MAX_REDRAWS} training examples in a '
-                                    f'row had an unreadable image (last: {last_error.path})')
+            return entry['reference'], entry['target'], entry['caption']
+        return self.triplet_example(item, len(self.entries), triplet_at)
 
     def summary(self):
         return (f'CIRR {self.split} ({self.file_split} files): {len(self.imgs)} images, '

@@ -116,6 +116,32 @@ class QuietPhotoDataset(datasets.PhotoDataset):
             warnings.filterwarnings('ignore', message='Palette images with Transparency', category=UserWarning)
             return super().get_img(idx, raw_img)
 
+    def triplet_example(self, item, count, triplet_at):
+        """The training example at `item` of `count`: `triplet_at(idx, py_rng)` gives its (source
+        name, target name, text).  For a datasets.DrawKey every draw (the text's, a redraw after an
+        unreadable image) comes from generators keyed by the example's position; for a plain int,
+        from the global generators."""
+        if isinstance(item, datasets.DrawKey):
+            idx, (np_rng, py_rng) = item.index, datasets.keyed_streams(item, item.position)
+        else:
+            idx, (np_rng, py_rng) = item, datasets.global_streams()
+        idx = int(idx) % count
+        for _ in range(datasets.MAX_REDRAWS):
+            source, target, text = triplet_at(idx, py_rng)
+            source_id, target_id = self.name_to_id[source], self.name_to_id[target]
+            try:
+                source_img, target_img = self.get_img(source_id), self.get_img(target_id)
+            except datasets.ImageReadError as e:
+                last_error = e
+                self._report_unreadable(e)
+                idx = np_rng.randint(0, count)
+                continue
+            return {'source_img_id': source_id, 'source_img_data': source_img, 'source_caption': source,
+                    'target_img_id': target_id, 'target_img_data': target_img, 'target_caption': target,
+                    'mod': {'str': text}}
+        raise datasets.DatasetError(f'{self.path}: {datasets.MAX_REDRAWS} training examples in a '
+                                    f'row had an unreadable image (last: {last_error.path})')
+
 
 # ---------------------------------------------------------------------------------------------
 # FashionIQ
@@ -339,34 +365,16 @@ class FashionIQ(QuietPhotoDataset):
         return len(self.examples)
 
     def __getitem__(self, item):
-        """dataset[datasets.DrawKey]: the example at that position, its caption order (and any
-        redraw) drawn from generators keyed by it; dataset[int]: from the global generators."""
-        if isinstance(item, datasets.DrawKey):
-            idx, (np_rng, py_rng) = item.index, datasets.keyed_streams(item, item.position)
-        else:
-            idx, (np_rng, py_rng) = item, datasets.global_streams()
-        idx = int(idx) % len(self.examples)
-        for _ in range(datasets.MAX_REDRAWS):
+        """The triplet at `item`; the split protocol draws its captions' order (QuietPhotoDataset.
+        triplet_example says from which generators); the val protocol draws nothing."""
+        def triplet_at(idx, py_rng):
             triplet = self.examples[idx]
-            if 'text' in triplet:  # the val protocol: one caption, nothing drawn
+            if 'text' in triplet:
                 captions = None
             else:
                 captions = triplet['captions'] if py_rng.random() < 0.5 else triplet['captions'][::-1]
-            source_id, target_id = self.name_to_id[triplet['candidate']], self.name_to_id[triplet['target']]
-            try:
-                source_img, target_img = self.get_img(source_id), self.get_img(target_id)
-            except datasets.ImageReadError as e:
-                last_error = e
-                self._report_unreadable(e)
-                idx = np_rng.randint(0, len(self.examples))
-                continue
-            return {'source_img_id': source_id, 'source_img_data': source_img,
-                    'source_caption': triplet['candidate'],
-                    'target_img_id': target_id, 'target_img_data': target_img,
-                    'target_caption': triplet['target'],
-                    'mod': {'str': example_text(triplet, captions)}}
-        raise datasets.DatasetError(f'{self.path}: {datasets.MAX_REDRAWS} training examples in a '
-                                    f'row had an unreadable image (last: {last_error.path})')
+            return triplet['candidate'], triplet['target'], example_text(triplet, captions)
+        return self.triplet_example(item, len(self.examples), triplet_at)
 
     def summary(self):
         examples = '' if self.protocol == 'split' else f', {len(self.examples)} captions'

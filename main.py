@@ -923,8 +923,7 @@ def write_test_results(run, dataset, it, metrics):
     if skipped:
         results['skipped_missing_images'] = skipped
     path = os.path.join(run['dir'], 'test_results.json')
-    with open(path, 'w') as f:
-        json.dump(results, f, indent=1)
+    checkpoints.write_text_atomic(json.dumps(results, indent=1), path)
     print('Wrote', path)
 
 

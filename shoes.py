@@ -199,29 +199,11 @@ class Shoes(fashioniq.QuietPhotoDataset):
         return len(self.examples)
 
     def __getitem__(self, item):
-        """dataset[datasets.DrawKey]: the example at that position (a redraw after an unreadable
-        image keyed by it); dataset[int]: redraws from numpy's global generator."""
-        if isinstance(item, datasets.DrawKey):
-            idx, np_rng = item.index, datasets.keyed_streams(item, item.position)[0]
-        else:
-            idx, np_rng = item, datasets.global_streams()[0]
-        idx = int(idx) % len(self.examples)
-        for _ in range(datasets.MAX_REDRAWS):
+        """The triplet at `item` (QuietPhotoDataset.triplet_example); nothing is drawn but redraws."""
+        def triplet_at(idx, py_rng):
             example = self.examples[idx]
-            source_id, target_id = self.name_to_id[example['reference']], self.name_to_id[example['target']]
-            try:
-                source_img, target_img = self.get_img(source_id), self.get_img(target_id)
-            except datasets.ImageReadError as e:
-                last_error = e
-                self._report_unreadable(e)
-                idx = np_rng.randint(0, len(self.examples))
-                continue
-            return {'source_img_id': source_id, 'source_img_data': source_img,
-                    'source_caption': example['reference'],
-                    'target_img_id': target_id, 'target_img_data': target_img,
-                    'target_caption': example['target'], 'mod': {'str': example['caption']}}
-        raise datasets.DatasetError(f'{self.path}: {datasets.MAX_REDRAWS} training examples in a '
-                                    f'row had an unreadable image (last: {last_error.path})')
+            return example['reference'], example['target'], example['caption']
+        return self.triplet_example(item, len(self.examples), triplet_at)
 
     def summary(self):
         return (f'Shoes {self.split} (protocol {self.protocol}): {len(self.imgs)} images, '
