@@ -63,6 +63,20 @@ def css_root(tmp_path):
     return root
 
 
+def only_run_folder(cwd, comment):
+    """The one run folder under cwd/runs whose name ends with `comment`."""
+    import glob
+    (found,) = glob.glob(os.path.join(str(cwd), 'runs', f'*{comment}'))
+    return found
+
+
+def metrics_lines(folder):
+    """The records of a run's metrics.jsonl, in order."""
+    import json
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
 def read_events(run_dir):
     """Every tensorboard event in the event files of a run folder, in file order."""
     import glob

@@ -5,7 +5,6 @@ and --fiq_protocol.  main.main runs in this process with photos at 64 px (ResNet
 globally; the pipeline is otherwise unchanged), one batch an epoch, so that the evaluations at
 epochs 1, 4 and 7 and at the end come after 8 iterations."""
 import contextlib
-import glob
 import io
 import json
 import os
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
+from conftest import metrics_lines, only_run_folder
 from fiq_cirr_fixtures import cirr_layout, fiq_layout, triplet, write_cirr, write_fiq
 
 import datasets
@@ -38,18 +38,8 @@ def run_main(args):
     return out.getvalue()
 
 
-def run_folder(cwd, comment):
-    (found,) = glob.glob(os.path.join(str(cwd), 'runs', f'*{comment}'))
-    return found
-
-
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def metrics_lines(folder):
-    with open(os.path.join(folder, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope='module')
@@ -81,7 +71,7 @@ def fiq_run(in_small_photos):
     layout = write_fiq(root, fiq_run_layout(), missing=FIQ_MISSING)
     run_main(COMMON + ['--dataset=fashioniq', f'--dataset_path={root}', '--fiq_category=dress',
                        '--fiq_protocol=val', '--skip_missing_images', '--comment=_fiq'])
-    return root, layout, run_folder(in_small_photos, '_fiq')
+    return root, layout, only_run_folder(in_small_photos, '_fiq')
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +79,7 @@ def cirr_run(in_small_photos):
     root = str(in_small_photos / 'cirr')
     write_cirr(root, cirr_layout())
     run_main(COMMON + ['--dataset=cirr', f'--dataset_path={root}', '--comment=_cirr'])
-    return run_folder(in_small_photos, '_cirr')
+    return only_run_folder(in_small_photos, '_cirr')
 
 
 @pytest.mark.parametrize('run, tracked', [('fiq_run', 'test recall_mean'), ('cirr_run', 'test recall_avg')])
@@ -136,7 +126,7 @@ def test_test_only_with_the_checkpoint_adopts_its_category_and_protocol(fiq_run,
     for comment, flags in (('_adopted', []), ('_adopted_path', [f'--dataset_path={root}'])):
         run_main(['--test_only', f'--checkpoint={best}', '--loader_num_workers=0', '--batch_size=16',
                   '--skip_missing_images', f'--comment={comment}'] + flags)
-        with open(os.path.join(run_folder(in_small_photos, comment), 'test_results.json')) as f:
+        with open(os.path.join(only_run_folder(in_small_photos, comment), 'test_results.json')) as f:
             results = json.load(f)
         assert (results['fiq_category'], results['fiq_protocol']) == ('dress', 'val')
         assert list(results['metrics']) == ['test recall_top10_dress', 'test recall_top50_dress',

@@ -123,6 +123,20 @@ def test_a_resume_under_torchrun_of_a_run_in_use_is_refused_by_the_first_process
     assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
 
 
+def child_pids(parent):
+    """The processes whose parent is `parent`, from /proc (no procps needed)."""
+    children = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent:
+            children.append(int(entry))
+    return children
+
+
 def test_a_process_killed_with_sigkill_is_named_in_one_line_after_the_save(css_root, tmp_path):
     """Issue 18, item 14: the first process saves, then says which process was lost, instead of
     gloo's 'Connection reset by peer' traceback."""
@@ -134,8 +148,7 @@ def test_a_process_killed_with_sigkill_is_named_in_one_line_after_the_save(css_r
     while time.time() < deadline and not glob.glob(os.path.join(str(tmp_path), 'runs', '*', 'latest_checkpoint.pth')):
         time.sleep(0.2)
     time.sleep(1)  # training
-    workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
-    (second,) = [int(pid) for pid in workers
+    (second,) = [pid for pid in child_pids(proc.pid)
                  if b'RANK=1' in open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')]
     os.kill(second, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=180)

@@ -3,14 +3,13 @@ that the unit tests of the pieces let through.  Runs go through the command line
 main.main in-process where a test must see inside) and are read back from the run folder
 (checkpoints, metrics.jsonl, tensorboard events), so that they do not depend on main.py's inner
 functions."""
-import glob
 import json
 import os
 
 import pytest
 import torch
 
-from conftest import TINY, read_scalars, run_main, write_css_fixture
+from conftest import TINY, metrics_lines, only_run_folder, read_scalars, run_main, write_css_fixture
 from test_fashion200k import SAMPLED, finish, start_main
 from test_mitstates import write_mitstates_fixture
 
@@ -18,18 +17,8 @@ import datasets
 import main
 
 
-def run_dir(cwd, comment):
-    (found,) = glob.glob(os.path.join(str(cwd), 'runs', f'*{comment}'))
-    return found
-
-
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def metrics_lines(folder):
-    with open(os.path.join(folder, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def css_data(tmp_path, num_scenes):
@@ -68,7 +57,7 @@ def test_loader_workers_draw_different_examples(tmp_path):
                        '--learning_rate=0', '--loader_num_workers=2', '--num_iters=4', '--seed=1',
                        '--comment=_workers'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    losses = load(os.path.join(run_dir(tmp_path, '_workers'), 'latest_checkpoint.pth'))['losses']
+    losses = load(os.path.join(only_run_folder(tmp_path, '_workers'), 'latest_checkpoint.pth'))['losses']
     values = losses['batch_based_classification']
     assert len(values) == 4  # one epoch of 36 // 8 batches: all of them
     assert values[0] != values[1] and values[2] != values[3], values
@@ -116,7 +105,7 @@ def schedule_run(tmp_path_factory):
                        f'--learning_rate_decay_frequency={DECAY_FREQUENCY}',
                        '--comment=_schedule'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    return run_dir(tmp_path, '_schedule')
+    return only_run_folder(tmp_path, '_schedule')
 
 
 def learning_rate_during(it):
@@ -165,11 +154,11 @@ def test_mitstates_resume_with_a_pending_pair_gives_the_same_weights(tmp_path):
     for process in (straight, cut):
         result = finish(process)
         assert result.returncode == 0, result.stderr
-    cut_path = os.path.join(run_dir(tmp_path / 'cut', '_c'), 'latest_checkpoint.pth')
+    cut_path = os.path.join(only_run_folder(tmp_path / 'cut', '_c'), 'latest_checkpoint.pth')
     result = finish(run([f'--resume={cut_path}', '--num_iters=8'], 'cut'))
     assert result.returncode == 0, result.stderr
     resumed = load(cut_path)
-    straight = load(os.path.join(run_dir(tmp_path / 'straight', '_s'), 'latest_checkpoint.pth'))
+    straight = load(os.path.join(only_run_folder(tmp_path / 'straight', '_s'), 'latest_checkpoint.pth'))
     assert resumed['it'] == straight['it'] == 8
     for key, value in straight['model_state_dict'].items():
         torch.testing.assert_close(resumed['model_state_dict'][key], value, rtol=0, atol=1e-5, msg=key)
@@ -186,7 +175,7 @@ def test_best_checkpoint_holds_the_best_logged_recall(tmp_path, monkeypatch):
                        '--embed_dim=16', '--img_weights=none', '--loader_num_workers=0',
                        '--num_iters=24', '--seed=3', '--comment=_best'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    folder = run_dir(tmp_path, '_best')
+    folder = only_run_folder(tmp_path, '_best')
     logged = [(line['it'], line[TRACKED]) for line in metrics_lines(folder)]
     assert [it for it, _ in logged] == [3, 12, 21, 24]
     recalls = [recall for _, recall in logged]
@@ -199,5 +188,5 @@ def test_best_checkpoint_holds_the_best_logged_recall(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main.main([f'--checkpoint={os.path.join(folder, "best_checkpoint.pth")}', '--test_only',
                       f'--dataset_path={data}', '--loader_num_workers=0', '--comment=_again']) == 0
-    with open(os.path.join(run_dir(tmp_path, '_again'), 'test_results.json')) as f:
+    with open(os.path.join(only_run_folder(tmp_path, '_again'), 'test_results.json')) as f:
         assert json.load(f)['metrics'][TRACKED] == pytest.approx(best, abs=1e-6)
