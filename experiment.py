@@ -271,4 +271,7 @@ def load_model_weights(model, ckpt, path):
         hint = (f' (it was trained with --model={saved.model} --embed_dim={saved.embed_dim})'
                 if hasattr(saved, 'model') and hasattr(saved, 'embed_dim') else '')
         raise UserError(f'{path}: does not fit --model={model_name(model)}: {mismatch}{hint}')
+    out_of_range = model.state_dict_out_of_range(ckpt['model_state_dict'])
+    if out_of_range:
+        raise UserError(f'{path}: {out_of_range}')
     model.load_state_dict(ckpt['model_state_dict'], strict=True)

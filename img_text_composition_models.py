@@ -178,6 +178,12 @@ class ImgTextCompositionBase(torch.nn.Module):
     def compose_img_text(self, imgs, texts):
         raise NotImplementedError
 
+    def state_dict_out_of_range(self, state_dict):
+        """A phrase naming a buffer of `state_dict` (shaped as this model's own) whose values
+        this model would index with out of their range, or None.  Loading copies any values, so
+        a crafted or corrupt file would otherwise fail at the first query, after the run began."""
+        return None
+
     def forward(self, imgs_query, modification_texts, imgs_target, soft_triplet_loss=True,
                 slice_rows=None):
         """The training loss, so that DistributedDataParallel, which wraps forward, can train it.

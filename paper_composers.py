@@ -26,6 +26,18 @@ def image_channels(img_model):
     return img_model.fc[0].in_features
 
 
+def values_outside(name, values, low, high, meaning):
+    """A phrase naming the first entry of buffer `name` that is not an integer in low..high."""
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        return f'its buffer {name} holds {values.dtype} values, expected integer indices ({meaning})'
+    bad = (values < low) | (values > high)
+    if not bad.any():
+        return None
+    where = bad.nonzero()[0].tolist()
+    return (f'its buffer {name} holds {values[tuple(where)].item()} at {where}, outside '
+            f'{low}..{high} ({meaning})')
+
+
 def layer4_map(img_model, imgs):
     """The ResNet's last convolutional map M (B x C x H x W), before pooling."""
     m = img_model
@@ -82,6 +94,19 @@ class ParamHashing(_PaperComposer):
         self.bias = torch.nn.Parameter(torch.zeros(embed_dim))
         self.output = torch.nn.Sequential(
             torch.nn.BatchNorm1d(embed_dim), torch.nn.ReLU(), torch.nn.Linear(embed_dim, embed_dim))
+
+    def state_dict_out_of_range(self, state_dict):
+        candidates = self.text_to_candidates.out_features
+        problem = values_outside('hash_index', state_dict['hash_index'], 0, candidates - 1,
+                                 f'one of the {candidates} candidate weights')
+        if problem:
+            return problem
+        sign = state_dict['hash_sign']
+        bad = (sign != 1) & (sign != -1)
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            return f'its buffer hash_sign holds {sign[tuple(where)].item()} at {where}, expected -1 or 1'
+        return None
 
     def text_weights(self, text_features):
         """W(t), B x E x E."""
@@ -180,6 +205,11 @@ class AttributeOperator(_PaperComposer):
         for row, adjective in enumerate(adjectives):
             index[word2id[adjective]] = row
         self.register_buffer('operator_index', index)
+
+    def state_dict_out_of_range(self, state_dict):
+        count = self.operators.shape[0]
+        return values_outside('operator_index', state_dict['operator_index'], -1, count - 1,
+                              f'-1 for none or one of the {count} operators')
 
     def operator_rows(self, texts, device):
         word2id = self.text_model.vocab.word2id

@@ -1,0 +1,116 @@
+"""Checkpoints are input (issue 23 items 9 and 10): a checkpoint's index buffers are checked
+before any run folder exists, and an explicit --model, --embed_dim or --img_backbone that
+contradicts what the checkpoint records is refused naming both values."""
+import argparse
+import os
+
+import pytest
+import torch
+
+from conftest import run_main, write_css_fixture
+from test_mitstates import write_mitstates_fixture
+
+import datasets
+import img_text_composition_models as itcm
+import paper_composers
+import retrieve
+
+E = 8
+
+
+def save(path, model, model_name, dataset, root, **options):
+    opt = argparse.Namespace(model=model_name, embed_dim=E, dataset=dataset, dataset_path=root,
+                             **options)
+    torch.save({'it': 5, 'opt': opt, 'model_state_dict': model.state_dict(),
+                'vocab': model.text_model.vocab.words()}, path)
+
+
+def one_line(result, expected):
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr)
+    assert result.stderr.strip().splitlines() == [f'main.py: error: {expected}'], result.stderr
+
+
+@pytest.fixture(scope='module')
+def css(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('data') / 'css')
+    write_css_fixture(root, num_scenes=4)
+    return root
+
+
+@pytest.fixture(scope='module')
+def mitstates(tmp_path_factory):
+    return write_mitstates_fixture(str(tmp_path_factory.mktemp('data') / 'mitstates'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 10: index buffers out of range
+
+def param_hashing_file(tmp_path, root, entry, value):
+    torch.manual_seed(0)
+    model = paper_composers.ParamHashing(datasets.CSSDataset(root, 'train').get_all_texts(), E,
+                                         pretrained=False)
+    buffer, where = entry
+    getattr(model, buffer)[where] = value
+    path = str(tmp_path / 'crafted.pth')
+    save(path, model, 'param_hashing', 'css3d', root)
+    return path
+
+
+@pytest.mark.parametrize('entry, value, expected', [
+    (('hash_index', (3, 5)), 4096,
+     'its buffer hash_index holds 4096 at [3, 5], outside 0..4095 (one of the 4096 candidate weights)'),
+    # Python's indexing would read -1 as the last candidate, silently.
+    (('hash_index', (7, 0)), -1,
+     'its buffer hash_index holds -1 at [7, 0], outside 0..4095 (one of the 4096 candidate weights)'),
+    (('hash_sign', (2, 6)), 0.5, 'its buffer hash_sign holds 0.5 at [2, 6], expected -1 or 1'),
+])
+@pytest.mark.parametrize('how', ['test_only', 'train_from'])
+def test_a_crafted_param_hashing_buffer_is_one_line_and_no_run_folder(tmp_path, css, entry, value,
+                                                                      expected, how):
+    path = param_hashing_file(tmp_path, css, entry, value)
+    flags = ['--test_only'] if how == 'test_only' else ['--num_iters=2', '--batch_size=4']
+    result = run_main(flags + [f'--checkpoint={path}', '--loader_num_workers=0'], cwd=tmp_path)
+    one_line(result, f'{path}: {expected}')
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_retrieve_refuses_a_crafted_hash_index_in_one_line(tmp_path, css, capsys):
+    path = param_hashing_file(tmp_path, css, ('hash_index', (0, 1)), 10 ** 6)
+    code = retrieve.main_cli([f'--checkpoint={path}', '--query_index=0', '--no_cache',
+                              '--loader_num_workers=0'])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ''
+    assert err.splitlines()[-1] == (f'retrieve.py: error: {path}: its buffer hash_index holds '
+                                    f'1000000 at [0, 1], outside 0..4095 (one of the 4096 '
+                                    f'candidate weights)')
+
+
+def attribute_operator_file(tmp_path, root, value_for_count):
+    texts = datasets.MITStates(root, 'train').get_all_texts()
+    model = paper_composers.AttributeOperator(texts, E, pretrained=False)
+    word = model.text_model.vocab.word2id['sliced']
+    count = model.operators.shape[0]
+    model.operator_index[word] = value_for_count(count)
+    path = str(tmp_path / 'operators.pth')
+    save(path, model, 'attribute_operator', 'mitstates', root)
+    return path, word, count
+
+
+@pytest.mark.parametrize('value_for_count', [lambda count: count, lambda count: -2],
+                         ids=['one past the last operator', 'below none'])
+def test_a_crafted_operator_index_is_one_line_and_no_run_folder(tmp_path, mitstates,
+                                                                value_for_count):
+    path, word, count = attribute_operator_file(tmp_path, mitstates, value_for_count)
+    assert count == 7  # the fixture's training adjectives
+    result = run_main(['--test_only', f'--checkpoint={path}', '--loader_num_workers=0'],
+                      cwd=tmp_path)
+    one_line(result, f'{path}: its buffer operator_index holds {value_for_count(count)} at '
+                     f'[{word}], outside -1..{count - 1} (-1 for none or one of the {count} '
+                     f'operators)')
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+@pytest.mark.parametrize('name', list(itcm.MODELS))
+def test_every_model_s_own_state_dict_is_in_range(name):
+    model = itcm.MODELS[name](['a red', 'b blue'], E, pretrained=False)
+    assert model.state_dict_out_of_range(model.state_dict()) is None
