@@ -82,6 +82,7 @@ import distributed  # noqa: E402
 import experiment  # noqa: E402
 import fashioniq  # noqa: E402
 import img_text_composition_models  # noqa: E402
+import model_registry  # noqa: E402
 import main  # noqa: E402
 import make_css_dataset  # noqa: E402
 import shoes  # noqa: E402
@@ -1049,7 +1050,7 @@ def model_training_step(name, args, device):
     already on the device: the composer's cost, not the data's."""
     torch.manual_seed(args.seed)
     captions = MODEL_CAPTIONS if name == 'attribute_operator' else MODEL_TEXTS
-    model = img_text_composition_models.MODELS[name](captions, 512, pretrained=False).to(device)
+    model = model_registry.MODELS[name](captions, 512, pretrained=False).to(device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(args.seed)
@@ -1071,7 +1072,7 @@ def bench_models(args, device):
     """Each model's peak resident memory during one iteration, in a forked child (CPU); then every
     model's iteration, timed in rounds (each round times every model once, so that the machine's
     load hits all alike), median over rounds."""
-    names = list(img_text_composition_models.MODELS)
+    names = list(model_registry.MODELS)
     steps = {name: model_training_step(name, args, device) for name in names}
     memory = {}
     if device.type == 'cpu' and not args.skip_model_memory:

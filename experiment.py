@@ -10,6 +10,7 @@ import torch
 import checkpoints
 import datasets
 import img_text_composition_models
+import model_registry
 import text_model
 
 DEFAULT_DATASET_PATH = os.path.join('.', 'data', 'css_synth')
@@ -176,7 +177,7 @@ def create_model(opt, texts, vocab=None):
     weights = {'imagenet': True, 'none': False}.get(opt.img_weights, opt.img_weights)
     print('Creating model', opt.model)
     try:
-        model = img_text_composition_models.MODELS[opt.model](
+        model = model_registry.MODELS[opt.model](
             texts, opt.embed_dim, pretrained=weights, vocab=vocab,
             backbone=getattr(opt, 'img_backbone', None) or 'resnet18')
     except img_text_composition_models.WeightsUnavailableError as e:
@@ -245,7 +246,7 @@ def build_vocabulary(opt, ckpt, path, trainset):
 
 
 def model_name(model):
-    return {cls: name for name, cls in img_text_composition_models.MODELS.items()}[type(model)]
+    return {cls: name for name, cls in model_registry.MODELS.items()}[type(model)]
 
 
 def check_backbone_of_weights(model, ckpt, path):

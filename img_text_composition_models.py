@@ -348,16 +348,3 @@ class TIRGLastConv(ImgEncoderTextEncoderBase):
         x = self.a[0] * torch.sigmoid(self.mod2d_gate(z)) * x + self.a[1] * self.mod2d(z)
         x = torch.flatten(m.avgpool(x), 1)
         return m.fc(x)
-
-
-MODELS = {
-    'imgonly': SimpleModelImageOnly,
-    'textonly': SimpleModelTextOnly,
-    'concat': Concat,
-    'tirg': TIRG,
-    'tirg_lastconv': TIRGLastConv,
-}
-
-# The paper's other methods and TIRG's ablations (SPEC 3.1): importing the module adds them to
-# MODELS.  At the end, because they subclass the classes above.
-import paper_composers  # noqa: E402,F401

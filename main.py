@@ -27,6 +27,7 @@ import checkpoints
 import datasets
 import distributed
 import img_text_composition_models
+import model_registry
 import paper_composers
 import run_lock
 import test_retrieval
@@ -60,7 +61,7 @@ def get_args_parser():
                    choices=['css3d', 'fashion200k', 'mitstates', 'fashioniq', 'cirr', 'shoes'], help='dataset')
     p.add_argument('--dataset_path', type=str, default=DEFAULT_DATASET_PATH,
                    help='dataset root; the default folder is filled with synthetic CSS data when empty')
-    p.add_argument('--model', type=str, default='tirg', choices=list(img_text_composition_models.MODELS),
+    p.add_argument('--model', type=str, default='tirg', choices=list(model_registry.MODELS),
                    help='composition model')
     p.add_argument('--embed_dim', type=int, default=512, help='joint embedding, word embedding and LSTM size')
     p.add_argument('--learning_rate', type=float, default=1e-2, help='base learning rate')
@@ -1024,8 +1025,7 @@ def wrap_for_training(opt, model, device):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None,
-        # The image-only model never reads its text encoder, nor does attribute_operator.
-        find_unused_parameters=opt.model == 'imgonly' or opt.model in paper_composers.UNUSED_PARAMETERS)
+        find_unused_parameters=opt.model in model_registry.UNUSED_PARAMETERS)
 
 
 def fit_batch_size(opt, trainset):

@@ -7,8 +7,7 @@ normalisation; targets go through the plain image encoder.  Models that read the
 take its channel count C from the image encoder they built (512 for ResNet-18, 2048 for
 ResNet-50), never a constant.
 
-Importing this module registers the models in img_text_composition_models.MODELS (which imports
-it at its end), whichever of the two modules is imported first.
+model_registry.MODELS names them for `--model`.
 """
 import torch
 import torch.nn.functional as F
@@ -263,19 +262,3 @@ class TIRGResOnly(_PaperComposer):
     def compose_img_text(self, imgs, texts):
         image = self.extract_img_feature(imgs)
         return self.a[1] * self.res_info_composer((image, self.extract_text_feature(texts)))
-
-
-MODELS = {
-    'show_and_tell': ShowAndTell,
-    'param_hashing': ParamHashing,
-    'relationship': Relationship,
-    'film': FiLM,
-    'attribute_operator': AttributeOperator,
-    'tirg_gate_only': TIRGGateOnly,
-    'tirg_res_only': TIRGResOnly,
-}
-
-# Models whose loss never reads some of their parameters (DistributedDataParallel must be told).
-UNUSED_PARAMETERS = {'attribute_operator'}  # the text encoder: the adjective picks the operator
-
-itcm.MODELS.update(MODELS)

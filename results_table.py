@@ -20,7 +20,7 @@ import torch
 
 import checkpoints
 import main
-from img_text_composition_models import MODELS
+from model_registry import MODELS
 
 # Options that do not change what a run computes, beyond those a resume may change: a run's
 # iteration count is its last checkpoint's (--num_iters may have grown on resume).

@@ -27,6 +27,7 @@ import cirr
 import datasets
 import fashioniq
 import img_text_composition_models
+import model_registry
 import experiment
 import main
 import paper_composers
@@ -70,7 +71,7 @@ def get_args_parser():
                         "the 2D drawings (2D->3D); the gallery is the PNGs either way (default: "
                         "the checkpoint's, else 3d)")
     p.add_argument('--model', type=str, default=None,
-                   choices=list(img_text_composition_models.MODELS),
+                   choices=list(model_registry.MODELS),
                    help="composition model (default: the checkpoint's)")
     p.add_argument('--embed_dim', type=int, default=None, help="embedding size (default: the checkpoint's)")
     p.add_argument('--img_backbone', type=str, default=None,

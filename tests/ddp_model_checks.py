@@ -13,18 +13,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import distributed  # noqa: E402
-import img_text_composition_models  # noqa: E402
 import main  # noqa: E402
+import model_registry  # noqa: E402
 import paper_composers  # noqa: E402
 
 GLOBAL_BATCH = 4
+PAPER_MODELS = [name for name, cls in model_registry.MODELS.items()
+                if cls.__module__ == paper_composers.__name__]
 TEXTS = {'attribute_operator': ['red', 'sliced', 'green', 'red']}
 CAPTIONS = ['red apple', 'green apple', 'sliced bread', 'red bread']
 
 
 def train_two_iterations(name, device):
     torch.manual_seed(0)
-    model = img_text_composition_models.MODELS[name](CAPTIONS, 8, pretrained=False)
+    model = model_registry.MODELS[name](CAPTIONS, 8, pretrained=False)
     opt = argparse.Namespace(model=name, sync_bn=False)
     train_model = main.wrap_for_training(opt, model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -44,7 +46,7 @@ def train_two_iterations(name, device):
 def main_checks():
     out_dir = sys.argv[1]
     device = distributed.device_for_process(torch.device('cpu'))
-    results = {name: train_two_iterations(name, device) for name in paper_composers.MODELS}
+    results = {name: train_two_iterations(name, device) for name in PAPER_MODELS}
     torch.save(results, os.path.join(out_dir, f'rank{distributed.rank()}.pt'))
     distributed.cleanup()
 

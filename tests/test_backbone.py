@@ -12,6 +12,7 @@ import torchvision
 from conftest import run_main, write_css_fixture
 
 import img_text_composition_models as itcm
+import model_registry
 import main
 import retrieve
 
@@ -63,12 +64,12 @@ def lastconv50():
     return itcm.TIRGLastConv(TEXTS, E, pretrained=False, backbone='resnet50')
 
 
-@pytest.mark.parametrize('name', sorted(itcm.MODELS))
+@pytest.mark.parametrize('name', sorted(model_registry.MODELS))
 def test_every_model_on_resnet50_has_a_2048_to_E_fc_and_composers_at_E(name, request):
     texts = ADJECTIVES if name == 'attribute_operator' else TEXTS  # it composes single words
     torch.manual_seed(0)
     model = (request.getfixturevalue('lastconv50') if name == 'tirg_lastconv' else
-             itcm.MODELS[name](texts, E, pretrained=False, backbone='resnet50'))
+             model_registry.MODELS[name](texts, E, pretrained=False, backbone='resnet50'))
     state = model.state_dict()
     assert model.backbone == 'resnet50' and model.img_channels == 2048
     assert model.img_model.fc[0].in_features == 2048  # what composers reading layer4 use
@@ -83,7 +84,7 @@ def test_every_model_on_resnet50_has_a_2048_to_E_fc_and_composers_at_E(name, req
     for key, shape in map_shapes.items():
         assert state[key].shape == shape, key
     torch.manual_seed(0)
-    small = itcm.MODELS[name](texts, E, pretrained=False).state_dict()
+    small = model_registry.MODELS[name](texts, E, pretrained=False).state_dict()
     assert small['img_model.fc.0.weight'].shape == (E, 512)
     assert set(small) - {k for k in small if k.startswith('img_model.')} == \
         set(state) - {k for k in state if k.startswith('img_model.')}
@@ -103,7 +104,7 @@ def test_resnet18_given_explicitly_keeps_the_reference_layout(name):
     path = next(p for p in LAYOUT_CANDIDATES if os.path.isfile(p))
     with open(path) as f:
         layout = json.load(f)
-    model = itcm.MODELS[name](layout['texts'], layout['embed_dim'], pretrained=False,
+    model = model_registry.MODELS[name](layout['texts'], layout['embed_dim'], pretrained=False,
                               backbone='resnet18')
     got = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
     assert got == layout['models'][name]['keys']

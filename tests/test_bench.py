@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 
 import bench
-import img_text_composition_models
+import model_registry
 
 
 def test_quick_run_prints_every_section_with_ratios(tmp_path):
@@ -49,7 +49,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     # Shoes: 6 train images (2 are the eval list), 12 triplets, each listed under both images.
     line('data shoes train loader (24 triplets, 6 images, generated), batch 4: ', 'speed-up')
     line('ddp train iterations, global batch 4 ', 'scaling')
-    for name in img_text_composition_models.MODELS:  # the reference's five and the new seven
+    for name in model_registry.MODELS:  # the reference's five and the new seven
         (found,) = [x for x in lines if x.startswith(f'models {name}: ')]
         assert re.search(r'batch 4 at 64x64: .*, \d+\.\d\dx TIRG, peak resident \d+\.\d\d GiB', found), found
 
@@ -69,7 +69,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     for name in ('fashioniq', 'cirr', 'shoes'):
         assert results['data'][name]['workers_2_triplets_per_s'] > 0
     models = results['models']['models']
-    assert list(models) == list(img_text_composition_models.MODELS)
+    assert list(models) == list(model_registry.MODELS)
     assert models['tirg']['vs_tirg'] == 1.0
     assert models['relationship']['vs_tirg'] == pytest.approx(
         models['relationship']['median_s'] / models['tirg']['median_s'])

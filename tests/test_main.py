@@ -18,6 +18,7 @@ from conftest import REPO, TINY, read_scalars, run_main, write_css_fixture
 import checkpoints
 import datasets
 import img_text_composition_models
+import model_registry
 import main
 
 
@@ -114,7 +115,7 @@ def test_resume_refuses_a_weights_only_checkpoint(css_root, tmp_path):
 
 def released_checkpoint(path, texts, embed_dim=16, model_name='tirg'):
     """The released format: it, an argparse Namespace and the weights, no vocabulary."""
-    model = img_text_composition_models.MODELS[model_name](texts, embed_dim, pretrained=False)
+    model = model_registry.MODELS[model_name](texts, embed_dim, pretrained=False)
     opt = argparse.Namespace(f='', comment='released', dataset='css3d', dataset_path='x',
                              model=model_name, embed_dim=embed_dim, learning_rate=0.01,
                              learning_rate_decay_frequency=9999999, batch_size=32,

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import img_text_composition_models as itcm
+import model_registry
 import text_model
 import torch_functions
 
@@ -34,7 +34,7 @@ LAYOUT = _load_layout()
 
 def build(name, texts=TEXTS, embed_dim=SMALL_DIM, seed=0):
     torch.manual_seed(seed)
-    return itcm.MODELS[name](texts, embed_dim, pretrained=False)
+    return model_registry.MODELS[name](texts, embed_dim, pretrained=False)
 
 
 def small_images(batch=3, height=64, width=64, seed=0):
@@ -43,7 +43,7 @@ def small_images(batch=3, height=64, width=64, seed=0):
 
 
 def test_model_registry_starts_with_the_five_reference_models():
-    assert list(itcm.MODELS)[:5] == MODEL_NAMES  # then the paper's other methods (SPEC 3.1)
+    assert list(model_registry.MODELS)[:5] == MODEL_NAMES  # then the paper's other methods (SPEC 3.1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import img_text_composition_models as itcm
+import model_registry
 import paper_composers
 
 NEW_MODELS = ['show_and_tell', 'param_hashing', 'relationship', 'film', 'attribute_operator',
@@ -24,7 +24,7 @@ MIT_CAPTIONS = ['red apple', 'green apple', 'sliced bread', 'red bread', 'sliced
 def build(name, texts=None, embed_dim=DIM, seed=0):
     torch.manual_seed(seed)
     texts = texts or (MIT_CAPTIONS if name == 'attribute_operator' else TEXTS)
-    return itcm.MODELS[name](texts, embed_dim, pretrained=False)
+    return model_registry.MODELS[name](texts, embed_dim, pretrained=False)
 
 
 def query_texts(name):
@@ -48,7 +48,7 @@ def randomise_batchnorm(model):
 
 
 def test_registry_holds_the_reference_five_then_the_seven_new_models():
-    assert list(itcm.MODELS) == ['imgonly', 'textonly', 'concat', 'tirg', 'tirg_lastconv'] + NEW_MODELS
+    assert list(model_registry.MODELS) == ['imgonly', 'textonly', 'concat', 'tirg', 'tirg_lastconv'] + NEW_MODELS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_both_losses_train_the_model_s_own_parameters(name):
         text_grads = [p.grad for k, p in params.items() if k.startswith('text_model.')]
         # attribute_operator's adjective picks an operator: its text encoder is never read (and
         # main.py tells DistributedDataParallel so).
-        unused = name in paper_composers.UNUSED_PARAMETERS
+        unused = name in model_registry.UNUSED_PARAMETERS
         assert all(g is None for g in text_grads) == unused
 
 
@@ -355,8 +355,8 @@ def test_batch_of_one_in_eval_and_any_image_size(name):
 def test_models_reading_the_layer4_map_take_its_channels_from_a_resnet50_encoder():
     """C = 2048 under --img_backbone=resnet50: no 512 hard-coded."""
     torch.manual_seed(0)
-    relationship = itcm.MODELS['relationship'](TEXTS, DIM, pretrained=False, backbone='resnet50').eval()
-    film = itcm.MODELS['film'](TEXTS, DIM, pretrained=False, backbone='resnet50')
+    relationship = model_registry.MODELS['relationship'](TEXTS, DIM, pretrained=False, backbone='resnet50').eval()
+    film = model_registry.MODELS['film'](TEXTS, DIM, pretrained=False, backbone='resnet50')
     assert relationship.g[0].in_features == 2 * (2048 + 2) + DIM
     assert film.film_generator.out_features == 2 * 2048
     assert film.block_conv2.in_channels == film.block_conv2.out_channels == 2048
