@@ -11,7 +11,7 @@ from conftest import run_main, write_css_fixture
 from test_mitstates import write_mitstates_fixture
 
 import datasets
-import img_text_composition_models as itcm
+import model_registry
 import paper_composers
 import retrieve
 
@@ -110,7 +110,7 @@ def test_a_crafted_operator_index_is_one_line_and_no_run_folder(tmp_path, mitsta
     assert not os.path.exists(tmp_path / 'runs')
 
 
-@pytest.mark.parametrize('name', list(itcm.MODELS))
+@pytest.mark.parametrize('name', list(model_registry.MODELS))
 def test_every_model_s_own_state_dict_is_in_range(name):
-    model = itcm.MODELS[name](['a red', 'b blue'], E, pretrained=False)
+    model = model_registry.MODELS[name](['a red', 'b blue'], E, pretrained=False)
     assert model.state_dict_out_of_range(model.state_dict()) is None
