@@ -6,8 +6,9 @@
 
 The gallery is every image of --split (default test), ranked as that dataset's retrieval test
 ranks it: a FashionIQ test query against its category's gallery (the candidate kept under
---fiq_protocol=split, left out under val), every other test query with its source image left out
-(Shoes' test images are its --shoes_protocol's gallery).  The gallery's features are computed
+--fiq_protocol=split, left out under val), a Shoes test query against its --shoes_protocol's
+gallery with its reference ranked last (score -inf, as VAL's and ARTEMIS's code), every other test
+query with its source image left out.  The gallery's features are computed
 once and cached on disk, so later queries against the same checkpoint and split take a second or
 so.
 """
@@ -85,7 +86,8 @@ def get_args_parser():
                             "and its known target, ranked as the retrieval test ranks it (the "
                             "source image left out; FashionIQ: its category's gallery, the "
                             "candidate kept under --fiq_protocol=split; CIRR: its image set "
-                            "ranked as well; Shoes: its protocol's gallery)")
+                            "ranked as well; Shoes: its protocol's gallery, the "
+                            "reference ranked last)")
     p.add_argument('--topk', type=int, default=10,
                    help=f'number of results (default: 10); the --out picture shows the first '
                         f'{MAX_DRAWN}, {retrieval_grid.MAX_COLUMNS} to a line')
@@ -361,6 +363,9 @@ def query_from_file(opt, dataset):
     if source is not None and keeps_source(dataset):
         print(f'The query image is gallery image {source}: kept in the results, as in the '
               f'FashionIQ split protocol', file=sys.stderr)
+    elif source is not None and ranks_source_last(dataset):
+        print(f'The query image is gallery image {source}: ranked last (score -inf), as in the '
+              f'Shoes protocols', file=sys.stderr)
     elif source is not None:
         print(f'The query image is gallery image {source}: left out of the results, as in the '
               f'retrieval protocol', file=sys.stderr)
@@ -387,6 +392,12 @@ def keeps_source(dataset):
     return isinstance(dataset, fashioniq.FashionIQ) and dataset.protocol == 'split'
 
 
+def ranks_source_last(dataset):
+    """Shoes' protocols rank the reference last rather than leaving it out (SPEC 2.6), so a
+    query whose target is its reference finds it once --topk reaches the gallery's size."""
+    return isinstance(dataset, shoes.Shoes)
+
+
 def protocol_gallery(dataset, query):
     """(gallery ids, or None for every image; source id to leave out, or None) for `query`, as
     the dataset's retrieval test ranks it: a FashionIQ test query against its category's gallery."""
@@ -396,16 +407,17 @@ def protocol_gallery(dataset, query):
     return ids, query['source_id']
 
 
-def rank_gallery(feature, gallery, topk, ids, exclude):
-    """(scores, gallery indices) of the top-k among `ids` (all when None), `exclude` left out."""
+def rank_gallery(feature, gallery, topk, ids, exclude, exclude_ranks_last=False):
+    """(scores, gallery indices) of the top-k among `ids` (all when None), `exclude` left out
+    (or ranked last, scored -inf, with `exclude_ranks_last`)."""
     if ids is None:
         scores, indices = test_retrieval.top_k_with_scores(
-            feature, gallery, topk, None if exclude is None else [exclude])
+            feature, gallery, topk, None if exclude is None else [exclude], exclude_ranks_last)
         return scores[0].tolist(), indices[0].tolist()
     position = {idx: i for i, idx in enumerate(ids)}
     scores, positions = test_retrieval.top_k_with_scores(
         feature, gallery[torch.as_tensor(ids, device=gallery.device)], topk,
-        None if exclude is None else [position[exclude]])
+        None if exclude is None else [position[exclude]], exclude_ranks_last)
     return scores[0].tolist(), [ids[i] for i in positions[0].tolist()]
 
 
@@ -448,7 +460,8 @@ def retrieve(opt):
     warn_unknown_words(model, query['text'])
     gallery = gallery_features(opt, model, dataset)
     feature = query_feature(model, dataset, query).to(gallery.device)
-    scores, indices = rank_gallery(feature, gallery, opt.topk, *protocol_gallery(dataset, query))
+    scores, indices = rank_gallery(feature, gallery, opt.topk, *protocol_gallery(dataset, query),
+                                   exclude_ranks_last=ranks_source_last(dataset))
     if query.get('subset_ids'):
         query['subset'] = subset_ranking(feature, gallery, query['subset_ids'])
     results = []

@@ -214,8 +214,11 @@ class Shoes(fashioniq.QuietPhotoDataset):
 # Ranking
 
 def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS)):
-    """Top gallery ids of every test query, best first, its reference left out (so at most
-    len(gallery) - 1).  Features are computed once: the test split's images are its gallery."""
+    """Top gallery ids of every test query, best first (at most len(gallery)).  Each query's
+    reference scores -inf, so it is ranked last rather than removed, as VAL's code (distance 1e8)
+    and ARTEMIS's (score -inf) rank it: a query whose target is its reference is a hit once k
+    reaches the gallery's size.  Features are computed once: the test split's images are its
+    gallery."""
     queries = dataset.get_test_queries()
     with fashioniq.evaluation_mode(model):
         query_features = fashioniq.normalized(test_retrieval.compute_query_features(
@@ -223,7 +226,7 @@ def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS)):
         gallery_features = fashioniq.normalized(test_retrieval.compute_gallery_features(
             model, dataset, batch_size, num_workers))
     references = torch.tensor([q['source_img_id'] for q in queries], device=query_features.device)
-    k = max(0, min(k, gallery_features.shape[0] - 1))
+    k = min(k, gallery_features.shape[0])
     rows = max(1, test_retrieval.MAX_SCORES_PER_CHUNK // max(1, gallery_features.shape[0]))
     tops = []
     for start in range(0, len(queries), rows):
@@ -237,8 +240,6 @@ def evaluate(model, dataset, batch_size, num_workers=0):
     """[(metric name, recall)] of the Shoes test (SPEC 2.6): a hit at k when the target's name is
     among the top-k names."""
     top = rank(model, dataset, batch_size, num_workers)
-    if top.shape[1] == 0:  # a gallery of the reference alone finds nothing
-        return [(f'recall_top{k}', 0.0) for k in RECALL_KS] + [('recall_mean', 0.0)]
     names = [img['captions'][0] for img in dataset.imgs]
     targets = [q['target_caption'] for q in dataset.get_test_queries()]
     recalls = test_retrieval.recalls_at_k(top, names, targets, RECALL_KS)

@@ -219,11 +219,13 @@ def nearest_neighbours(queries, gallery, exclude=None, k=110):
     return torch.cat(results)
 
 
-def top_k_with_scores(queries, gallery, k, exclude=None):
+def top_k_with_scores(queries, gallery, k, exclude=None, exclude_ranks_last=False):
     """(scores, indices), each queries x k, of the k best gallery images per query (features
     already L2-normalised), best first.  `exclude[i]` (query i's source image) is left out of its
-    results altogether, so at most len(gallery) - 1 come back then."""
-    k = min(k, gallery.shape[0] - (1 if exclude is not None else 0))
+    results altogether, so at most len(gallery) - 1 come back then; with `exclude_ranks_last` it
+    scores -inf and stays in, last (Shoes' protocols, as VAL's and ARTEMIS's code rank it)."""
+    removed = exclude is not None and not exclude_ranks_last
+    k = min(k, gallery.shape[0] - (1 if removed else 0))
     scores = queries @ gallery.t()
     if exclude is not None:
         rows = torch.arange(scores.shape[0], device=scores.device)

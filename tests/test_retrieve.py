@@ -361,6 +361,12 @@ def test_top_k_with_scores_leaves_the_source_out():
     scores, indices = test_retrieval.top_k_with_scores(queries, gallery, 3)
     assert indices[:, 0].tolist() == [2, 4]
     assert scores[:, 0] == pytest.approx([1.0, 1.0], abs=1e-6)
+    # Shoes' protocols: the source scores -inf and stays, last once k reaches the gallery's size.
+    scores, indices = test_retrieval.top_k_with_scores(queries, gallery, 10, exclude=[2, 4],
+                                                       exclude_ranks_last=True)
+    assert indices.shape == (2, 6) and indices[:, -1].tolist() == [2, 4]
+    assert scores[:, -1].tolist() == [float('-inf')] * 2
+    assert sorted(indices[0].tolist()) == list(range(6))
 
 
 def test_photo_dataset_query_image_goes_through_the_dataset_transform(tmp_path, capsys):

@@ -2,6 +2,7 @@
 galleries written out by hand, recalls against a per-query implementation, every bad input."""
 import os
 
+import numpy as np
 import pytest
 
 from fiq_cirr_fixtures import NameModel, per_query_ranking, use_id_images
@@ -9,6 +10,7 @@ from shoes_fixtures import LAYOUTS, image_folder, image_name, small_lists, write
 
 import datasets
 import shoes
+import test_retrieval
 
 
 def load(root, split='test', **options):
@@ -109,9 +111,11 @@ def per_query_protocol(train_or_eval_names, triplets, protocol):
 
 
 def per_query_recalls(model, queries, gallery, ks=(1, 10, 50)):
+    """A full sort of the gallery per query, its reference moved to the end (SPEC 2.6)."""
     hits = {k: 0 for k in ks}
     for reference, target, caption in queries:
         ranking = [n for n in per_query_ranking(model, reference, caption, gallery) if n != reference]
+        ranking.append(reference)
         for k in ks:
             hits[k] += target in ranking[:k]
     recalls = [hits[k] / len(queries) for k in ks]
@@ -124,8 +128,9 @@ def test_recalls_equal_the_per_query_implementation(small, protocol):
     _, evaluation, _ = small_lists()
     b1, b2, b3, b4, _ = evaluation
     test = load(root, protocol=protocol)
-    # The self-pair's reference (its target) scores highest: removed, so never a hit.  Triplet 9
-    # (twice under val) finds its target first; triplet 3 finds it only at rank 2.
+    # The self-pair's reference (its target) scores highest: ranked last, so a hit at 10 and 50
+    # (galleries of 5 and 8), never at 1.  Triplet 9 (twice under val) finds its target first;
+    # triplet 3 finds it only at rank 2.
     scores = {(b3, 'is the same shoe'): {b3: 1.0},
               (b4, 'has a strap'): {b4: 1.0, b1: 0.9},
               (b1, 'is red'): {b1: 1.0, b4: 0.8, b2: 0.7}}
@@ -135,17 +140,81 @@ def test_recalls_equal_the_per_query_implementation(small, protocol):
     queries, gallery = per_query_protocol(evaluation, triplets, protocol)
     expected = per_query_recalls(model, queries, gallery)
     assert list(got.values()) == pytest.approx(expected)
-    if protocol == 'unique':  # 3, 4, 9: a hit at 1 for 9 only; 3 within 10; never the self-pair
-        assert list(got.values()) == pytest.approx([1 / 3, 2 / 3, 2 / 3, 5 / 9])
+    if protocol == 'unique':  # 3, 4, 9: a hit at 1 for 9 only; all three within 10
+        assert list(got.values()) == pytest.approx([1 / 3, 1, 1, 7 / 9])
 
 
-def test_a_gallery_of_one_image_finds_nothing(tmp_path):
+def val_code_recalls(model, queries, gallery, ks):
+    """VAL's test, one query at a time in numpy: squared L2 distances between L2-normalised
+    features, the reference's distance set to 1e8, a full argsort; a hit at k when the target's
+    position is below k."""
+    images = np.stack([model.image_vector(n).double().numpy() for n in gallery])
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    hits = np.zeros(len(ks))
+    for reference, target, caption in queries:
+        query = model.query_vector(reference, caption).double().numpy()
+        query /= np.linalg.norm(query)
+        distances = np.sum((query[np.newaxis, :] - images) ** 2, axis=1)
+        distances[gallery.index(reference)] = 1e8
+        position = int(np.where(np.argsort(distances) == gallery.index(target))[0][0])
+        hits += [position < k for k in ks]
+    return list(hits / len(queries))
+
+
+def artemis_code_recalls(model, queries, gallery, ks):
+    """ARTEMIS's test, one query at a time in numpy: cosine scores, the reference's set to -inf,
+    sorted best first; a hit at k when the target is among the first k."""
+    images = np.stack([model.image_vector(n).double().numpy() for n in gallery])
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    hits = np.zeros(len(ks))
+    for reference, target, caption in queries:
+        query = model.query_vector(reference, caption).double().numpy()
+        scores = images @ (query / np.linalg.norm(query))
+        scores[gallery.index(reference)] = -np.inf
+        order = [gallery[i] for i in np.argsort(-scores, kind='stable')]
+        hits += [target in order[:k] for k in ks]
+    return list(hits / len(queries))
+
+
+@pytest.mark.parametrize('protocol', shoes.PROTOCOLS)
+def test_a_gallery_smaller_than_k_ranks_each_reference_last_as_vals_and_artemis_code(tmp_path, monkeypatch,
+                                                                                     protocol):
+    """Five eval images, so recall@10 and @50 rank the whole gallery: a query whose target is its
+    reference (scored highest here) finds it last, a hit at 10 and 50 and not at 1."""
+    train = [image_name(n) for n in (1, 2, 3)]
+    evaluation = [image_name(n) for n in (11, 12, 13, 14, 15)]
+    b1, b2, b3, b4, b5 = evaluation
+    triplets = [(train[0], train[1], 'train darker'), (b1, b2, 'is red'), (b3, b3, 'the same shoe'),
+                (b4, b1, 'has a strap'), (b5, b2, 'is shinier'), (train[2], train[0], 'train taller')]
+    write_shoes(str(tmp_path), train, evaluation, triplets)
+    test = load(tmp_path, protocol=protocol)
+    scores = {(b1, 'is red'): {b2: 1.0},                       # first: a hit at every k
+              (b3, 'the same shoe'): {b3: 1.0, b4: 0.9},       # itself best, ranked last
+              (b4, 'has a strap'): {b4: 1.0, b5: 0.9, b1: 0.8},  # second once b4 is last
+              (b5, 'is shinier'): {b5: 1.0, b1: 0.9, b2: 0.1}}   # last but for b5
+    model = NameModel(use_id_images(test), [img['captions'][0] for img in test.imgs], scores)
+    monkeypatch.setattr(test_retrieval, 'MAX_SCORES_PER_CHUNK', 10)  # chunks of 2 queries
+    got = dict(shoes.evaluate(model, test, batch_size=3))
+    queries, gallery = per_query_protocol(evaluation, [t for t in triplets], protocol)
+    assert len(gallery) == 5 and [img['captions'][0] for img in test.imgs] == gallery
+    ks = shoes.RECALL_KS
+    assert ks == (1, 10, 50)
+    for reference_code in (val_code_recalls, artemis_code_recalls):
+        expected = reference_code(model, queries, gallery, ks)
+        assert [got[f'recall_top{k}'] for k in ks] == pytest.approx(expected)
+    # val: per name b1..b5, the triplets touching it: (b1,b2) (b4,b1) | (b1,b2) (b5,b2) | (b3,b3)
+    # | (b4,b1) | (b5,b2); a hit at 1 for (b1,b2) only, twice in 7.  unique: each once, 1 in 4.
+    top1 = {'val': 2 / 7, 'unique': 1 / 4}[protocol]
+    assert list(got.values()) == pytest.approx([top1, 1.0, 1.0, (top1 + 2) / 3])
+
+
+def test_a_gallery_of_its_reference_alone_finds_it_at_every_k(tmp_path):
     name = image_name(1)
     write_shoes(str(tmp_path), [image_name(2)], [name], [(name, name, 'same'), (image_name(2), image_name(2), 'x')])
     test = load(tmp_path, protocol='unique')
     model = NameModel(use_id_images(test), [name])
     assert dict(shoes.evaluate(model, test, batch_size=2)) == {
-        'recall_top1': 0.0, 'recall_top10': 0.0, 'recall_top50': 0.0, 'recall_mean': 0.0}
+        'recall_top1': 1.0, 'recall_top10': 1.0, 'recall_top50': 1.0, 'recall_mean': 1.0}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def run_test_only(tmp_path, capsys, checkpoint, comment, *flags):
 
 # ---------------------------------------------------------------------------------------------
 # The per-query implementation: each image's and each query's feature on its own, then per query
-# a loop over the gallery's names, the reference removed, sorted by score.
+# a loop over the gallery's names sorted by score, the reference moved to the end (SPEC 2.6: VAL's
+# and ARTEMIS's code rank it last).
 
 def checkpoint_model(path):
     ckpt = torch.load(path, weights_only=False)
@@ -107,7 +108,7 @@ def per_query_recalls(model, paths, queries, gallery, ks=(1, 10, 50)):
     for reference, target, caption in queries:
         query = normalize(model.compose_img_text(image_tensor(paths[reference]), [caption]), dim=1)[0]
         scores = {n: float(query @ image[n]) for n in gallery if n != reference}
-        ranking = sorted(scores, key=lambda n: -scores[n])
+        ranking = sorted(scores, key=lambda n: -scores[n]) + [reference]
         for k in ks:
             hits[k] += target in ranking[:k]
     recalls = [hits[k] / len(queries) for k in ks]
@@ -230,7 +231,7 @@ def test_bad_input_is_one_line_and_exit_1_before_any_run_folder(tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------------------------
-# retrieve.py: a test query ranks its protocol's gallery, its reference left out.
+# retrieve.py: a test query ranks its protocol's gallery, its reference last (score -inf).
 
 def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
     import retrieve
@@ -243,7 +244,7 @@ def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
     model = checkpoint_model(checkpoint)
     for protocol in ('unique', 'val'):
         queries, gallery = per_query_protocol(eval_names, triplets, protocol)
-        # unique: the self-pair, its target left out with its reference; val: eval triplet 5
+        # unique: the self-pair, its target last with its reference; val: eval triplet 5
         # listed under its target.
         n = len(queries) - 1
         reference, target, caption = queries[n]
@@ -259,11 +260,14 @@ def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
             scores = {name: float(query @ torch.nn.functional.normalize(
                 model.extract_img_feature(image_tensor(paths[name])), dim=1)[0])
                 for name in gallery if name != reference}
-        expected = sorted(scores, key=lambda name: -scores[name])
+        expected = sorted(scores, key=lambda name: -scores[name]) + [reference]
         assert [line.caption for line in lines] == expected
-        assert [line.score for line in lines] == pytest.approx([scores[name] for name in expected], abs=1e-4)
-        assert len(lines) == {'val': 16, 'unique': 13}[protocol]
-        assert [line.caption for line in lines if line.target] == ([] if target == reference else [target])
+        assert [line.score for line in lines[:-1]] == pytest.approx([scores[name] for name in expected[:-1]],
+                                                                    abs=1e-4)
+        assert lines[-1].score == float('-inf')
+        assert len(lines) == {'val': 17, 'unique': 14}[protocol]
+        assert [line.caption for line in lines if line.target] == [target]
+        assert lines[-1].target == (target == reference) == (protocol == 'unique')
     assert len(os.listdir(tmp_path / 'cache')) == 2  # a gallery cache per protocol
 
 
