@@ -21,7 +21,9 @@ import os
 import sys
 import time
 
+import PIL.Image
 import torch
+import torchvision
 
 import checkpoints
 import cirr
@@ -79,7 +81,11 @@ def get_args_parser():
                    choices=list(img_text_composition_models.BACKBONES),
                    help="image encoder (default: the checkpoint's; resnet18 for the released ones)")
     query = p.add_argument_group('query: --query_img with --query_text, or --query_index')
-    query.add_argument('--query_img', type=str, default=None, help='query image file')
+    query.add_argument('--query_img', type=str, default=None,
+                       help="query image file, brought to the size the model sees the dataset's "
+                            "images at: Resize + CenterCrop to 224 on the photo datasets, scaled "
+                            "to cover the CSS images' size and its centre cut out on CSS "
+                            "(default: none)")
     query.add_argument('--query_text', type=str, default=None, help='modification text')
     query.add_argument('--query_index', type=int, default=None,
                        help="the N-th test query of --split (from 0): its source image and text, "
@@ -357,8 +363,33 @@ def query_from_index(dataset, n):
             'name': f'{name}: image {image_name(dataset, source)}'}
 
 
+def css_image_size(dataset):
+    """(height, width) of a CSS split's images: all one size, which the CSS transform keeps."""
+    img = dataset.get_img(0, raw_img=True)  # a PNG, or a drawing (an H x W x 3 array)
+    return (img.height, img.width) if isinstance(img, PIL.Image.Image) else tuple(img.shape[:2])
+
+
+def at_dataset_scale(dataset, img):
+    """A user's image at the size the model sees the dataset's own images: the photo datasets'
+    transform resizes it (Resize + CenterCrop); CSS's resizes nothing (SPEC 2), so a CSS query
+    is scaled to cover the gallery images' size and its centre cut out, as Resize + CenterCrop
+    do.  At another scale its features would not be comparable with the gallery's, and the
+    composers reading the layer4 map would see more cells (relationship's memory grows with the
+    square of their count)."""
+    if not isinstance(dataset, datasets.CSSDataset):
+        return img
+    height, width = css_image_size(dataset)
+    if (img.height, img.width) == (height, width):
+        return img
+    scale = max(height / img.height, width / img.width)
+    size = [max(height, round(img.height * scale)), max(width, round(img.width * scale))]
+    resized = torchvision.transforms.functional.resize(img, size, antialias=True)
+    return torchvision.transforms.functional.center_crop(resized, [height, width])
+
+
 def query_from_file(opt, dataset):
     img = datasets.open_photo(opt.query_img)  # ImageReadError (a DatasetError) when unreadable
+    img = at_dataset_scale(dataset, img)
     source = image_files(dataset).get(os.path.realpath(opt.query_img))
     if source is not None and keeps_source(dataset):
         print(f'The query image is gallery image {source}: kept in the results, as in the '

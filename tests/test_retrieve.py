@@ -523,3 +523,83 @@ def test_a_checkpoint_of_another_dataset_is_refused_naming_both(tmp_path, capsys
     assert code == 1 and out == ''
     assert err == (f'retrieve.py: error: --dataset=css3d: {ckpt} was trained on fashion200k; give '
                    f'--dataset=fashion200k (or leave --dataset out) to search with it\n')
+
+
+def scaled_gallery_image(root, index, path, size, margin=0):
+    """Gallery image `index` scaled up (nearest) to size x size, `margin` white columns on
+    each side."""
+    img = PIL.Image.open(os.path.join(root, 'images', 'css_test_%06d.png' % index)).convert('RGB')
+    canvas = PIL.Image.new('RGB', (size + 2 * margin, size), (255, 255, 255))
+    canvas.paste(img.resize((size, size), PIL.Image.NEAREST), (margin, 0))
+    canvas.save(path)
+    return path
+
+
+def test_a_css_query_image_is_brought_to_the_size_of_the_dataset_s_images(tmp_path, capsys):
+    """Issue 23 item 11: CSS's transform resizes nothing, so a user's 2048 x 2048 image (or a
+    wider one) would be seen at another scale than the 64 x 64 gallery; it is scaled to cover
+    64 x 64 and its centre cut out, as the photo datasets' Resize + CenterCrop do."""
+    root = str(tmp_path / 'css')
+    write_css_fixture(root, pngs=True)
+    ckpt = imgonly_checkpoint(tmp_path, root)
+    testset = datasets.CSSDataset(root, 'test', transform=datasets.css_transform())
+    k = 5
+    for name, size, margin in [('square', 2048, 0), ('wide', 1024, 512)]:
+        query = scaled_gallery_image(root, k, str(tmp_path / f'{name}.png'), size, margin)
+        opt = retrieve.parse_opt([f'--checkpoint={ckpt}', f'--query_img={query}', '--topk=3',
+                                  '--query_text=anything', '--loader_num_workers=0'])
+        fitted = retrieve.query_from_file(opt, testset)
+        assert fitted['tensor'].shape == (3, 64, 64), name
+        # The margins are cut off (not squeezed in): the gallery image again, but for the
+        # blur of scaling down.
+        assert (fitted['tensor'] - testset.get_img(k)).abs().mean() < 0.02, name  # others: 0.08+
+        _, results = retrieve.retrieve(opt)
+        assert results[0]['index'] == k and results[0]['score'] > 0.99, (name, results)
+
+
+def test_a_css_query_image_at_the_gallery_size_is_taken_as_it_is(tmp_path):
+    root = str(tmp_path / 'css')
+    write_css_fixture(root, pngs=True)
+    testset = datasets.CSSDataset(root, 'test', transform=datasets.css_transform())
+    img = testset.get_img(3, raw_img=True)
+    assert retrieve.at_dataset_scale(testset, img) is img
+    drawn = datasets.CSSDataset(root, 'test', use_2d=True)
+    assert retrieve.css_image_size(drawn) == (64, 64)
+
+
+MEASURE_PEAK_MEMORY = '''
+import os, resource, runpy, sys
+# A guard, not the measure: a regression then fails to allocate instead of swamping the machine.
+resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+try:
+    runpy.run_path(sys.argv[0], run_name='__main__')
+finally:
+    print('peak RSS KiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+'''
+
+
+def test_relationship_on_a_2048_pixel_css_query_stays_within_4_gb(tmp_path):
+    """Issue 23 item 11: relationship's pairs of layer4 cells at 2048 x 2048 pixels would need
+    a 34 GB allocation; brought to the gallery's 64 x 64 the query needs no more than a small one."""
+    import paper_composers
+    root = str(tmp_path / 'css')
+    write_css_fixture(root, num_scenes=4)  # drawn 64 x 64 images
+    torch.manual_seed(0)
+    model = paper_composers.Relationship(datasets.CSSDataset(root, 'train').get_all_texts(), 8,
+                                         pretrained=False)
+    ckpt = str(tmp_path / 'relationship.pth')
+    save_checkpoint(ckpt, model, 'relationship', root, embed_dim=8)
+    query = str(tmp_path / 'query.png')
+    PIL.Image.new('RGB', (2048, 2048), (255, 255, 255)).save(query)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        [sys.executable, '-c', MEASURE_PEAK_MEMORY, os.path.join(REPO, 'retrieve.py'),
+         f'--checkpoint={ckpt}', f'--query_img={query}', '--query_text=make top-left object red',
+         '--topk=3', '--no_cache', '--loader_num_workers=0', '--device=cpu'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m.rank for m in ranked_lines(result.stdout)] == [1, 2, 3]
+    peak_kib = int(re.search(r'peak RSS KiB (\d+)', result.stderr).group(1))
+    assert peak_kib < 4 << 20, peak_kib
