@@ -13,6 +13,7 @@ from conftest import REPO
 
 import bench
 import model_registry
+from benchmarks import loss, retrieval
 
 
 def test_quick_run_prints_every_section_with_ratios(tmp_path):
@@ -90,18 +91,18 @@ def test_only_selects_sections(capsys):
 
 def test_four_squares():
     for n in list(range(300)) + [2 ** 24, 3 * 4 ** 8, 2 ** 24 - 1, 7 * 4 ** 5, 12345677]:
-        assert sum(v * v for v in bench.four_squares(n)) == n
+        assert sum(v * v for v in retrieval.four_squares(n)) == n
 
 
 def test_retrieval_features_give_exact_scores_and_no_ties_across_captions():
-    gallery, query, captions, queries = bench.make_retrieval_problem(40, 600, 32, seed=3)
+    gallery, query, captions, queries = retrieval.make_retrieval_problem(40, 600, 32, seed=3)
     for features in (gallery, query):
         assert torch.equal(features, features.round())
-        assert ((features.double() ** 2).sum(1) == bench.NORM2).all()
+        assert ((features.double() ** 2).sum(1) == retrieval.NORM2).all()
     g = torch.nn.functional.normalize(gallery, dim=1)
     q = torch.nn.functional.normalize(query, dim=1)
     scores = q @ g.t()
-    exact = query.double() @ gallery.double().t() / bench.NORM2
+    exact = query.double() @ gallery.double().t() / retrieval.NORM2
     assert torch.equal(scores.double(), exact)  # float32 scores are exact
     per_query = np.stack([q[i:i + 1].numpy().dot(g.numpy().T)[0] for i in range(len(q))])
     assert np.array_equal(per_query, scores.numpy())
@@ -131,7 +132,7 @@ def test_a_bad_device_or_json_path_exits_in_one_line_before_measuring(tmp_path, 
                                                                       flags, expected):
     """Issue 18 item 16: a traceback, or an error only after the benchmark ran."""
     measured = []
-    monkeypatch.setattr(bench, 'bench_loss', lambda *a: measured.append(1) or ([], {}))
+    monkeypatch.setattr(loss, 'measure', lambda *a: measured.append(1) or ([], {}))
     flags = [f.replace('{tmp}', str(tmp_path)) for f in flags]
     with pytest.raises(SystemExit) as info:
         bench.run(bench.parse_args(['--quick', '--only', 'loss'] + flags))
@@ -140,7 +141,7 @@ def test_a_bad_device_or_json_path_exits_in_one_line_before_measuring(tmp_path, 
 
 
 def test_the_json_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, 'bench_loss', lambda *a: (['loss line'], {'ratio': 2.0}))
+    monkeypatch.setattr(loss, 'measure', lambda *a: (['loss line'], {'ratio': 2.0}))
     path = tmp_path / 'out.json'
     path.write_text('{"earlier": 1}')
     bench.run(bench.parse_args(['--quick', '--only', 'loss', f'--json={path}']))

@@ -14,9 +14,10 @@ import torch
 from test_fashion200k import write_fashion_fixture
 from test_mitstates import write_mitstates_fixture
 
-import bench
 import datasets
 import test_retrieval
+from benchmarks.memory import PooledImageModel
+from benchmarks.peak_memory import peak_memory
 
 KS = (1, 5, 10, 50, 100)
 DIM = 16
@@ -546,7 +547,7 @@ def test_real_training_split_matches_reference_on_examples_drawn_with_images(mon
     read by image id equal those of the images drawn with each example."""
     _use_num_examples(monkeypatch, 40)
     dataset = real_training_set(name, tmp_path)
-    model = bench.PooledImageModel()
+    model = PooledImageModel()
     opt = options(name, batch_size=8)
     if name == 'mitstates':
         dataset[0]  # a pending pair, which the sample must neither use nor lose
@@ -566,7 +567,7 @@ def test_unreadable_training_image_is_redrawn_as_in_the_reference(monkeypatch, t
     bad = dataset.imgs[bad_id]['file_path']
     with open(bad, 'wb') as f:
         f.write(b'\xff\xd8\xff\xe0 not a JPEG')
-    model = bench.PooledImageModel()
+    model = PooledImageModel()
     opt = options('mitstates', batch_size=8)
     got = test_retrieval.test(opt, model, dataset)
     examples = examples_drawn_with_images(dataset, 40)
@@ -582,7 +583,7 @@ def measure_memory_growth(tmp_path):
     """{count: bytes}: peak minus start resident memory of a forked process evaluating `count`
     sampled examples, after a first evaluation of MEMORY_COUNTS[0]."""
     dataset = real_training_set('mitstates', tmp_path)
-    model = bench.PooledImageModel()
+    model = PooledImageModel()
 
     def evaluate(count):
         test_retrieval.NUM_SAMPLED_TRAIN_EXAMPLES = count  # in the forked process only
@@ -590,7 +591,7 @@ def measure_memory_growth(tmp_path):
 
     growth = {}
     for count in MEMORY_COUNTS:
-        memory = bench.peak_memory(lambda: evaluate(count), warmup=lambda: evaluate(MEMORY_COUNTS[0]))
+        memory = peak_memory(lambda: evaluate(count), warmup=lambda: evaluate(MEMORY_COUNTS[0]))
         growth[count] = memory['peak_bytes'] - memory['start_bytes']
     return growth
 
