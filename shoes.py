@@ -80,6 +80,8 @@ def find_images(root):
 
 
 def check_names_known(root, split, numbered_names, triplets, images):
+    """A train-list name that no triplet uses and no image has is a sign of the wrong file.  (An
+    eval-list name is a gallery entry: without its image it is a missing image, SPEC 2.6.)"""
     used = {n for t in triplets for n in (t['target'], t['reference'])}
     for number, name in numbered_names:
         if name not in used and name not in images:
@@ -88,14 +90,17 @@ def check_names_known(root, split, numbered_names, triplets, images):
                 f'{os.path.join(root, CAPTIONS_FILE)} and no image under {root} (womens* folders)')
 
 
-def protocol_triplets(triplets, names, protocol):
+def protocol_triplets(triplets, names, protocol, earlier_names=()):
     """The triplets of a split whose list is `names` (SPEC 2.6).  'val': for each name in list
     order, every triplet (file order) whose target or reference is that name, so a triplet with
     both images in the list comes twice, one whose target is its reference once.  'unique': the
-    triplets with both images in the list, once each, in file order."""
+    triplets with both images in the list, once each, in file order, except those with both
+    images in `earlier_names` (the eval split is given the train list: ARTEMIS's if / elif puts
+    a triplet whose images are in both lists in train only)."""
     if protocol == 'unique':
-        listed = set(names)
-        return [t for t in triplets if t['target'] in listed and t['reference'] in listed]
+        listed, earlier = set(names), set(earlier_names)
+        return [t for t in triplets if t['target'] in listed and t['reference'] in listed
+                and not (t['target'] in earlier and t['reference'] in earlier)]
     touching = {}
     for t in triplets:
         for name in dict.fromkeys((t['target'], t['reference'])):
@@ -140,11 +145,14 @@ class Shoes(fashioniq.QuietPhotoDataset):
         triplets = read_triplets(path)
         numbered_names = read_names(path, split)
         images = find_images(path)
-        check_names_known(path, split, numbered_names, triplets, images)
+        if split == 'train' and not skip_missing_images:
+            check_names_known(path, split, numbered_names, triplets, images)
         names = [name for _, name in numbered_names]
         if split == 'test':
             print(describe_eval_list(path, len(names)))
-        examples = protocol_triplets(triplets, names, protocol)
+        train_names = [name for _, name in read_names(path, 'train')] \
+            if split == 'test' and protocol == 'unique' else ()
+        examples = protocol_triplets(triplets, names, protocol, train_names)
         self._vocabulary_texts = [t['caption'] for t in examples] if split == 'train' else None
         gallery = protocol_gallery(names, examples, protocol) if split == 'test' else []
         needed = list(dict.fromkeys(gallery + [n for t in examples for n in (t['reference'], t['target'])]))

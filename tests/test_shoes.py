@@ -56,6 +56,21 @@ def test_query_and_gallery_counts_of_a_fixture_built_like_the_real_lists(tmp_pat
     assert pairs(load(root, 'train', protocol='unique')) == triplet_pairs(triplets, [0, 1, 2, 10])
 
 
+def test_unique_puts_a_triplet_with_both_images_in_both_lists_in_train_only(tmp_path):
+    """ARTEMIS's if / elif: train first.  c1 and c2 are in both lists; val lists by name, so
+    there the triplet is in both splits."""
+    a1, a2, b1, b2, c1, c2 = (image_name(n) for n in (1, 2, 11, 12, 21, 22))
+    triplets = [(c1, c2, 'in both lists'), (b1, c1, 'eval only'), (a1, c2, 'train only'),
+                (c2, b2, 'eval only too'), (a2, a1, 'train')]
+    write_shoes(str(tmp_path), [a1, a2, c1, c2], [b1, b2, c1, c2], triplets)
+    assert pairs(load(tmp_path, 'train', protocol='unique')) == triplet_pairs(triplets, [0, 2, 4])
+    test = load(tmp_path, protocol='unique')
+    assert pairs(test) == triplet_pairs(triplets, [1, 3])
+    assert [img['captions'][0] for img in test.imgs] == [b1, b2, c1, c2]  # the gallery: the list
+    assert (c1, c2) in pairs(load(tmp_path, protocol='val'))
+    assert (c1, c2) in pairs(load(tmp_path, 'train', protocol='val'))
+
+
 def test_queries_carry_reference_target_and_caption_and_images_come_from_their_files(small):
     root, triplets = small
     test = load(root, protocol='unique')
@@ -295,12 +310,50 @@ def test_bad_captions_file_is_one_line_naming_file_and_entry(small, content, exp
     assert '\n' not in str(e.value)
 
 
-def test_a_listed_name_no_triplet_or_image_has_is_one_line(small):
-    _, evaluation, _ = small_lists()
-    rewrite(small[0], 'eval_im_names.txt', '\n'.join(evaluation + ['img_womens_clogs_999.jpg']) + '\n')
+def test_a_train_list_name_no_triplet_or_image_has_is_one_line_unless_images_may_be_missing(small):
+    train, _, _ = small_lists()
+    rewrite(small[0], 'train_im_names.txt', '\n'.join(train + ['img_womens_clogs_999.jpg']) + '\n')
     with pytest.raises(datasets.DatasetError,
-                       match=r'eval_im_names.txt line 6: "img_womens_clogs_999.jpg" is in no triplet'):
-        load(small[0])
+                       match=r'train_im_names.txt line 5: "img_womens_clogs_999.jpg" is in no triplet'):
+        load(small[0], 'train')
+    # Nothing uses it: with --skip_missing_images it changes nothing.
+    trainset = load(small[0], 'train', skip_missing_images=True)
+    assert len(trainset.examples) == 9 and trainset.skipped == {'missing_images': 0, 'dropped_triplets': 0}
+
+
+@pytest.mark.parametrize('protocol', shoes.PROTOCOLS)
+def test_an_eval_list_name_no_triplet_or_image_has_is_a_missing_gallery_image(small, protocol, capsys):
+    """SPEC 2.6: a missing image as in 2.4.  The real eval list has 2,361 names in no triplet: one
+    missing distractor must not block the benchmark."""
+    root, triplets = small
+    _, evaluation, _ = small_lists()
+    distractor = 'img_womens_clogs_999.jpg'
+    rewrite(root, 'eval_im_names.txt', '\n'.join(evaluation[:2] + [distractor] + evaluation[2:]) + '\n')
+    with pytest.raises(datasets.DatasetError) as e:
+        load(root, protocol=protocol)
+    total = {'val': 9, 'unique': 6}[protocol]
+    assert str(e.value) == (f'{root} (womens* folders): 1 of the {total} images the Shoes test split '
+                            f'needs are missing ({distractor}); --skip_missing_images drops the '
+                            f'entries that use them')
+    test = load(root, protocol=protocol, skip_missing_images=True)
+    assert test.skipped == {'missing_images': 1, 'dropped_queries': 0, 'dropped_gallery': 1}
+    assert '--skip_missing_images: Shoes test: missing images 1, dropped queries 0, dropped gallery 1' \
+        in capsys.readouterr().out
+    gallery = [test.imgs[i]['captions'][0] for i in test.gallery_ids]
+    assert distractor not in gallery and len(gallery) == total - 1
+    assert pairs(test) == triplet_pairs(triplets, {'val': [3, 7, 9, 3, 5, 4, 6, 9], 'unique': [3, 4, 9]}[protocol])
+
+
+def test_unique_eval_list_repeating_a_name_has_it_once_in_the_gallery_and_counts_it_once(small):
+    root, triplets = small
+    b1, b2, b3, b4, b5 = small_lists()[1]
+    # b5 (in no triplet) listed three times and its image missing; b2 twice, present.
+    rewrite(root, 'eval_im_names.txt', '\n'.join([b5, b1, b2, b5, b3, b2, b4, b5]) + '\n')
+    os.remove(os.path.join(str(root), image_folder('flat', b5), b5))
+    test = load(root, protocol='unique', skip_missing_images=True)
+    assert [test.imgs[i]['captions'][0] for i in test.gallery_ids] == [b1, b2, b3, b4]
+    assert test.skipped == {'missing_images': 1, 'dropped_queries': 0, 'dropped_gallery': 1}
+    assert pairs(test) == triplet_pairs(triplets, [3, 4, 9])
 
 
 def test_a_name_found_twice_names_both_paths(small):

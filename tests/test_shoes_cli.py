@@ -177,7 +177,10 @@ def test_resume_tensorboard_and_a_changed_protocol(tmp_path, capsys):
 def test_skip_missing_images_is_recorded_in_the_options_and_test_results(tmp_path, capsys):
     train_names, eval_names, triplets = larger_lists()
     root = tmp_path / 'shoes'
-    write_shoes(str(root), train_names, eval_names, triplets, missing=[eval_names[0], train_names[0]])
+    # And an eval-list name in no triplet whose image is missing too: a gallery entry dropped.
+    distractor = 'img_womens_clogs_999.jpg'
+    write_shoes(str(root), train_names, eval_names + [distractor], triplets,
+                missing=[eval_names[0], train_names[0], distractor])
     refused = run_main(SMALL + ['--dataset=shoes', f'--dataset_path={root}', '--num_iters=2'], capsys)
     assert refused.returncode == 1 and not os.path.exists(tmp_path / 'runs')
     assert '--skip_missing_images' in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
@@ -187,11 +190,11 @@ def test_skip_missing_images_is_recorded_in_the_options_and_test_results(tmp_pat
     # images in the train list): 4 examples; eval_names[0] in eval triplet 0 only: 2 queries.
     assert ckpt['opt'].skipped_missing_images == {
         'train': {'missing_images': 1, 'dropped_triplets': 4},
-        'test': {'missing_images': 1, 'dropped_queries': 2, 'dropped_gallery': 1}}
+        'test': {'missing_images': 2, 'dropped_queries': 2, 'dropped_gallery': 2}}
     _, results = run_test_only(tmp_path, capsys, os.path.join(run_dir, 'latest_checkpoint.pth'),
                            'shoes_skip_test', '--skip_missing_images')
-    assert results['skipped_missing_images'] == {'missing_images': 1, 'dropped_queries': 2,
-                                                 'dropped_gallery': 1}
+    assert results['skipped_missing_images'] == {'missing_images': 2, 'dropped_queries': 2,
+                                                 'dropped_gallery': 2}
 
 
 @pytest.mark.parametrize('breakage, expected', [
