@@ -557,6 +557,23 @@ def test_val_protocol_keeps_triplets_whose_two_images_exist_and_their_gallery(tm
                 skip_missing_images=True).get_all_texts() == expected
 
 
+def test_val_protocol_skipping_over_all_categories_keeps_each_gallery_to_its_category(tmp_path):
+    """--skip_missing_images rebuilds every category's gallery from the kept triplets of all
+    categories at once: each must still hold only its own category's images."""
+    layout = val_layout()
+    write_fiq(str(tmp_path), layout, missing=['dress_v71', 'shirt_v4'])
+    dataset = load(tmp_path, protocol='val', skip_missing_images=True)
+    present = {n for c in fashioniq.CATEGORIES for n in layout[c]['split_val']} - {'dress_v71', 'shirt_v4'}
+    for category in fashioniq.CATEGORIES:
+        kept = [t for t in layout[category]['val'] if t['candidate'] in present and t['target'] in present]
+        names = [dataset.imgs[i]['captions'][0] for i in dataset.galleries[category]]
+        assert names == sorted({n for t in kept for n in (t['candidate'], t['target'])})
+        assert all(name.startswith(category + '_') for name in names)
+    model = stand_in(dataset, val_scores(layout))
+    assert dict(fashioniq.evaluate(model, dataset, batch_size=16)) == \
+        pytest.approx(val_recalls(model, layout, fashioniq.CATEGORIES, present=present))
+
+
 def test_val_protocol_triplet_without_a_caption_gives_no_query_nor_gallery_image(tmp_path):
     """SPEC 2.4 leaves this open; VAL's code writes one line per non-empty caption and builds its
     gallery from those lines, so such a triplet's images are in the gallery only through others."""

@@ -290,6 +290,14 @@ def test_source_image_is_removed_from_the_ranking():
     assert_same_metrics(list(got.items()), reference_test(options(), model, dataset))
 
 
+def test_a_target_label_absent_from_the_gallery_is_never_a_hit():
+    """A target caption no gallery image has (a dropped image, another split's) counts as a miss
+    at every k, even when the first gallery image is ranked first."""
+    neighbours = torch.tensor([[0, 1, 2], [2, 0, 1], [0, 2, 1]])
+    recalls = test_retrieval.recalls_at_k(neighbours, ['a', 'b', 'c'], ['z', 'c', 'b'], ks=(1, 2, 3))
+    assert recalls == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+
+
 def test_mitstates_names_and_values_match_reference():
     dataset, model = make_problem(num_imgs=500, num_queries=300, num_captions=50, seed=2, adj_noun=True)
     got, values = check_against_reference(options('mitstates', batch_size=32), dataset, model)
