@@ -207,6 +207,22 @@ def adopt_checkpoint_dataset(opt, ckpt, path):
             setattr(opt, name, getattr(saved, name))
 
 
+ARCHITECTURE_FLAGS = ('model', 'embed_dim', 'img_backbone')
+
+
+def check_architecture_flags(opt, ckpt, path):
+    """A --model, --embed_dim or --img_backbone given that contradicts what the checkpoint
+    records: refused naming both.  Different models can have identical state-dict layouts
+    (imgonly's and show_and_tell's), so the weights would load and be scored as another model's.
+    A checkpoint that records none (the released ones name no backbone) may be told."""
+    saved = ckpt.get('opt')
+    for name in ARCHITECTURE_FLAGS:
+        given, recorded = getattr(opt, name, None), getattr(saved, name, None)
+        if name in opt.explicit_flags and recorded is not None and given != recorded:
+            raise UserError(f'--{name}={given}: {path} records --{name}={recorded}; leave '
+                            f'--{name} out to use the checkpoint\'s')
+
+
 def adopt_checkpoint_architecture(opt, ckpt):
     """Take --model, --embed_dim and --img_backbone from the checkpoint's options unless given on
     the command line.  Checkpoints without --img_backbone (the released ones) are ResNet-18."""

@@ -188,6 +188,7 @@ def load_model_and_gallery(opt):
     loads them.  main.py's progress lines are dropped: stdout is for the results."""
     with contextlib.redirect_stdout(io.StringIO()):
         ckpt = main.load_checkpoint(opt.checkpoint)
+        experiment.check_architecture_flags(opt, ckpt, opt.checkpoint)
         adopt_checkpoint_dataset(opt, ckpt)
         experiment.adopt_checkpoint_query_images(opt, ckpt)
         opt.css_query_images = opt.css_query_images or '3d'

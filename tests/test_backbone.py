@@ -219,7 +219,8 @@ def test_retrieve_takes_the_backbone_from_the_checkpoint(resnet50_run, capsys):
     assert 'rank' in out, out + err
     assert retrieve.main_cli(base + ['--img_backbone=resnet18']) == 1
     err = capsys.readouterr().err
-    assert 'its image encoder weights are ResNet-50 (--img_backbone=resnet50)' in err, err
+    assert err == (f'retrieve.py: error: --img_backbone=resnet18: {r["ckpt"]} records '
+                   f'--img_backbone=resnet50; leave --img_backbone out to use the checkpoint\'s\n')
 
 
 def released_style_checkpoint(path, texts, backbone, saved_backbone=None):

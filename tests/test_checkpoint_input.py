@@ -9,8 +9,10 @@ import torch
 
 from conftest import run_main, write_css_fixture
 from test_mitstates import write_mitstates_fixture
+from test_retrieve import ranked_lines
 
 import datasets
+import img_text_composition_models
 import model_registry
 import paper_composers
 import retrieve
@@ -114,3 +116,54 @@ def test_a_crafted_operator_index_is_one_line_and_no_run_folder(tmp_path, mitsta
 def test_every_model_s_own_state_dict_is_in_range(name):
     model = model_registry.MODELS[name](['a red', 'b blue'], E, pretrained=False)
     assert model.state_dict_out_of_range(model.state_dict()) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: --model, --embed_dim and --img_backbone given against what the checkpoint records
+
+def imgonly_file(tmp_path, root, **options):
+    """An image-only checkpoint: show_and_tell's state dict has the very same keys and shapes."""
+    torch.manual_seed(0)
+    model = img_text_composition_models.SimpleModelImageOnly(datasets.CSSDataset(root, 'train').get_all_texts(), E,
+                                      pretrained=False)
+    path = str(tmp_path / 'imgonly.pth')
+    save(path, model, 'imgonly', 'css3d', root, **options)
+    return path
+
+
+def test_imgonly_and_show_and_tell_state_dicts_are_interchangeable():
+    """Why a layout check cannot tell them apart."""
+    texts = ['make it red', 'make it blue']
+    imgonly = img_text_composition_models.SimpleModelImageOnly(texts, E, pretrained=False).state_dict()
+    show_and_tell = paper_composers.ShowAndTell(texts, E, pretrained=False).state_dict()
+    assert {k: v.shape for k, v in imgonly.items()} == {k: v.shape for k, v in show_and_tell.items()}
+
+
+CONTRADICTIONS = [
+    ('--model=show_and_tell', 'model', 'show_and_tell', 'imgonly'),
+    ('--embed_dim=16', 'embed_dim', 16, E),
+    ('--img_backbone=resnet50', 'img_backbone', 'resnet50', 'resnet18'),
+]
+
+
+@pytest.mark.parametrize('flag, name, given, recorded', CONTRADICTIONS)
+def test_retrieve_refuses_a_flag_that_contradicts_the_checkpoint(tmp_path, css, capsys, flag,
+                                                                 name, given, recorded):
+    path = imgonly_file(tmp_path, css, img_backbone='resnet18')
+    code = retrieve.main_cli([f'--checkpoint={path}', flag, '--query_index=0', '--no_cache',
+                              '--loader_num_workers=0'])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ''
+    assert err == (f'retrieve.py: error: --{name}={given}: {path} records --{name}={recorded}; '
+                   f'leave --{name} out to use the checkpoint\'s\n')
+
+
+def test_retrieve_takes_flags_that_agree_or_that_the_checkpoint_does_not_record(tmp_path, css,
+                                                                                capsys):
+    path = imgonly_file(tmp_path, css)  # records no backbone, as the released checkpoints
+    code = retrieve.main_cli([f'--checkpoint={path}', '--model=imgonly', f'--embed_dim={E}',
+                              '--img_backbone=resnet18', '--query_index=0', '--topk=2',
+                              '--no_cache', '--loader_num_workers=0'])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [m.rank for m in ranked_lines(out)] == [1, 2]
