@@ -180,11 +180,16 @@ class FiLM(_PaperComposer):
         return pool_and_fc(self.img_model, h + y)
 
 
-def single_word(text):
+def adjective_word(text):
+    """The word by which an adjective's operator is found: its tokenised form, as the text
+    encoder reads it (SPEC 3), or None when tokenising leaves nothing.  Tokenising drops
+    non-ASCII letters and punctuation, so 'très' is 'trs', and an adjective of those alone
+    ('ç') is no word: it has no operator, as an adjective not seen in training.  A text of
+    several words is not an adjective: a ValueError."""
     words = text_model.tokenize_text(text)
-    if len(words) != 1:
+    if len(words) > 1:
         raise ValueError(f'attribute_operator composes single attribute words; got {text!r}')
-    return words[0]
+    return words[0] if words else None
 
 
 class AttributeOperator(_PaperComposer):
@@ -195,8 +200,10 @@ class AttributeOperator(_PaperComposer):
     def __init__(self, texts, embed_dim, pretrained=True, vocab=None, **kwargs):
         super().__init__(texts, embed_dim, pretrained, vocab, **kwargs)
         word2id = self.text_model.vocab.word2id
-        adjectives = sorted({words[0] for words in map(text_model.tokenize_text, texts)
-                             if words and words[0] in word2id})
+        # A caption's adjective is its first word before tokenising: a caption's first token
+        # would be the noun where the adjective tokenises to nothing.
+        words = {adjective_word(text.split()[0]) for text in texts if text.split()}
+        adjectives = sorted(word for word in words if word in word2id)
         self.operators = torch.nn.Parameter(torch.eye(embed_dim).repeat(len(adjectives), 1, 1))
         # Vocabulary id -> operator row (-1: none); in the state dict, so that a checkpoint
         # knows which words have operators whatever texts it is loaded with.
@@ -212,7 +219,8 @@ class AttributeOperator(_PaperComposer):
 
     def operator_rows(self, texts, device):
         word2id = self.text_model.vocab.word2id
-        ids = torch.tensor([word2id.get(single_word(text), 0) for text in texts], device=device)
+        # None (no word) is <UNK>'s id, 0, which has no operator.
+        ids = torch.tensor([word2id.get(adjective_word(text), 0) for text in texts], device=device)
         return self.operator_index[ids]
 
     def compose_img_text(self, imgs, texts):

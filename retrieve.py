@@ -464,9 +464,13 @@ def check_query_text(model, text):
     """attribute_operator composes one adjective (MIT-States); a sentence is a user mistake."""
     if isinstance(model, paper_composers.AttributeOperator):
         try:
-            paper_composers.single_word(text)
+            word = paper_composers.adjective_word(text)
         except ValueError as e:
             raise experiment.UserError(f'--query_text={text!r}: {e}') from None
+        if word is None:
+            print(f'warning: --query_text={text!r} is no word once tokenised (non-ASCII letters '
+                  f'and punctuation are dropped): no operator, the query is the image\'s feature',
+                  file=sys.stderr)
 
 
 def warn_unknown_words(model, text):

@@ -206,6 +206,25 @@ def test_attribute_operator_applies_the_adjective_s_matrix_and_identity_when_uns
         model.compose_img_text(imgs[:1], ['red apple'])
 
 
+def test_attribute_operator_keys_an_adjective_by_its_tokenised_form():
+    """Issue 23 item 18: tokenising drops non-ASCII letters, so 'très' has the operator of
+    'trs'; 'ç' is no word and has none (its captions' nouns get none either)."""
+    captions = ['très apple', 'ç apple', 'Red apple', 'red bread', 'ç bread', 'très bread']
+    model = build('attribute_operator', texts=captions).eval()
+    vocab = model.text_model.vocab.word2id
+    assert sorted(vocab) == ['<UNK>', 'apple', 'bread', 'red', 'trs']
+    assert model.operators.shape == (2, DIM, DIM)  # red, trs: not apple, not bread
+    assert model.operator_index.tolist() == [-1 if w not in ('red', 'trs') else ('red', 'trs').index(w)
+                                             for w in sorted(vocab, key=vocab.get)]
+    imgs = images(batch=5)
+    with torch.no_grad():
+        model.operators.normal_()
+        ops, x = model.operators, model.extract_img_feature(imgs)
+        got = model.compose_img_text(imgs, ['très', 'trs', 'ç', 'RED', 'apple'])
+    expected = torch.stack([ops[1] @ x[0], ops[1] @ x[1], x[2], ops[0] @ x[3], x[4]])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def tirg_branches(model, imgs, texts):
     x = model.extract_img_feature(imgs)
     xt = torch.cat([x, model.extract_text_feature(texts)], dim=1)

@@ -126,6 +126,13 @@ def test_an_attribute_operator_checkpoint_in_retrieve_py_and_on_sentences(tmp_pa
     assert err.strip().splitlines()[-1:] == [  # after the lines naming the dataset
         "retrieve.py: error: --query_text='make it ripe': attribute_operator composes single "
         "attribute words; got 'make it ripe'"]
+    # An adjective that tokenises to nothing has no operator: the image's own feature, said.
+    code = retrieve.main_cli([f'--checkpoint={ckpt}', f'--query_img={image}', '--query_text=ç',
+                              '--device=cpu'] + cache)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert ("warning: --query_text='ç' is no word once tokenised (non-ASCII letters and "
+            "punctuation are dropped): no operator, the query is the image's feature") in err
 
     # --test_only of the checkpoint (its model adopted) on CSS: refused before any run folder.
     css = write_dataset('css3d', str(tmp_path / 'css'))
