@@ -9,6 +9,7 @@ import os
 
 import torch
 
+import amp
 import checkpoints
 import datasets
 import fashioniq
@@ -205,15 +206,16 @@ def rank_chunk(query_features, gallery_features, references, subset_ids, subset_
     return top, subset_top
 
 
-def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS), subset_k=max(SUBSET_KS)):
+def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS), subset_k=max(SUBSET_KS),
+         precision=amp.FLOAT32):
     """(top ids, subset top ids) of every test query: image ids, best first, the reference left
     out.  At most len(gallery) - 1 and len(subset) results; -1 pads short subset rows."""
     queries = dataset.get_test_queries()
     with fashioniq.evaluation_mode(model):
         query_features = fashioniq.normalized(test_retrieval.compute_query_features(
-            model, dataset, queries, batch_size, num_workers))
+            model, dataset, queries, batch_size, num_workers, precision))
         gallery_features = fashioniq.normalized(test_retrieval.compute_gallery_features(
-            model, dataset, batch_size, num_workers))
+            model, dataset, batch_size, num_workers, precision=precision))
     device = query_features.device
     references = torch.tensor([q['source_img_id'] for q in queries], device=device)
     subset_ids, subset_valid = padded_subsets(queries, device)
@@ -230,12 +232,12 @@ def hit_rates(top, targets, ks):
     return [float((top[:, :k] == targets.unsqueeze(1)).any(1).float().mean()) for k in ks]
 
 
-def evaluate(model, dataset, batch_size, num_workers=0):
+def evaluate(model, dataset, batch_size, num_workers=0, precision=amp.FLOAT32):
     """[(metric name, recall)] of the CIRR val test (SPEC 2.5)."""
     if dataset.split == 'test1':
         raise datasets.DatasetError('CIRR test1 has no targets, so no recall: its evaluation '
                                     'server takes the files of test1_submission()')
-    top, subset_top = rank(model, dataset, batch_size, num_workers)
+    top, subset_top = rank(model, dataset, batch_size, num_workers, precision=precision)
     targets = torch.tensor([q['target_img_id'] for q in dataset.get_test_queries()], device=top.device)
     metrics = [(f'recall_top{k}', r) for k, r in zip(RECALL_KS, hit_rates(top, targets, RECALL_KS))]
     metrics += [(f'recall_subset_top{k}', r)
@@ -245,13 +247,14 @@ def evaluate(model, dataset, batch_size, num_workers=0):
     return metrics
 
 
-def test1_submission(model, dataset, batch_size, num_workers=0):
+def test1_submission(model, dataset, batch_size, num_workers=0, precision=amp.FLOAT32):
     """(recall, recall_subset): the evaluation server's two dicts, every pairid with its 50 (at
     most len(gallery) - 1) and 3 best names, best first.  The server scores every pairid, so a
     test1 split that dropped queries (--skip_missing_images) is refused, never written."""
     if dataset.skipped.get('missing_images'):
         raise datasets.DatasetError(f'{dataset.split_path}: {SKIPPED_TEST1}')
-    top, subset_top = rank(model, dataset, batch_size, num_workers, SUBMISSION_TOP, SUBSET_SUBMISSION_TOP)
+    top, subset_top = rank(model, dataset, batch_size, num_workers, SUBMISSION_TOP, SUBSET_SUBMISSION_TOP,
+                           precision)
     names = [img['captions'][0] for img in dataset.imgs]
     recall = {'version': 'rc2', 'metric': 'recall'}
     recall_subset = {'version': 'rc2', 'metric': 'recall_subset'}

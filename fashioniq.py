@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+import amp
 import datasets
 import test_retrieval
 
@@ -383,17 +384,18 @@ class FashionIQ(QuietPhotoDataset):
                 f'{len(self.test_queries)} test queries')
 
 
-def evaluate(model, dataset, batch_size, num_workers=0):
+def evaluate(model, dataset, batch_size, num_workers=0, precision=amp.FLOAT32):
     """[(metric name, recall)] of the FashionIQ test (SPEC 2.4): features are computed once for
     every query and every image (each test image is in a gallery or a query); each category ranks
     its queries against its own gallery.  The `split` protocol keeps the candidate in the ranking;
-    `val` scores it below every other image, as VAL's code sets its distance to infinity."""
+    `val` scores it below every other image, as VAL's code sets its distance to infinity.
+    `precision`: of the features (amp.choose); they are ranked in float32."""
     queries = dataset.get_test_queries()
     with evaluation_mode(model):
         query_features = normalized(test_retrieval.compute_query_features(
-            model, dataset, queries, batch_size, num_workers))
+            model, dataset, queries, batch_size, num_workers, precision))
         gallery_features = normalized(test_retrieval.compute_gallery_features(
-            model, dataset, batch_size, num_workers))
+            model, dataset, batch_size, num_workers, precision=precision))
     metrics, means = [], {k: [] for k in RECALL_KS}
     for category in dataset.categories:
         query_rows = [i for i, q in enumerate(queries) if q['category'] == category]

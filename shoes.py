@@ -9,6 +9,7 @@ import os
 
 import torch
 
+import amp
 import datasets
 import fashioniq
 import test_retrieval
@@ -221,7 +222,7 @@ class Shoes(fashioniq.QuietPhotoDataset):
 # ---------------------------------------------------------------------------------------------
 # Ranking
 
-def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS)):
+def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS), precision=amp.FLOAT32):
     """Top gallery ids of every test query, best first (at most len(gallery)).  Each query's
     reference scores -inf, so it is ranked last rather than removed, as VAL's code (distance 1e8)
     and ARTEMIS's (score -inf) rank it: a query whose target is its reference is a hit once k
@@ -230,9 +231,9 @@ def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS)):
     queries = dataset.get_test_queries()
     with fashioniq.evaluation_mode(model):
         query_features = fashioniq.normalized(test_retrieval.compute_query_features(
-            model, dataset, queries, batch_size, num_workers))
+            model, dataset, queries, batch_size, num_workers, precision))
         gallery_features = fashioniq.normalized(test_retrieval.compute_gallery_features(
-            model, dataset, batch_size, num_workers))
+            model, dataset, batch_size, num_workers, precision=precision))
     references = torch.tensor([q['source_img_id'] for q in queries], device=query_features.device)
     k = min(k, gallery_features.shape[0])
     rows = max(1, test_retrieval.MAX_SCORES_PER_CHUNK // max(1, gallery_features.shape[0]))
@@ -244,10 +245,10 @@ def rank(model, dataset, batch_size, num_workers=0, k=max(RECALL_KS)):
     return torch.cat(tops)
 
 
-def evaluate(model, dataset, batch_size, num_workers=0):
+def evaluate(model, dataset, batch_size, num_workers=0, precision=amp.FLOAT32):
     """[(metric name, recall)] of the Shoes test (SPEC 2.6): a hit at k when the target's name is
     among the top-k names."""
-    top = rank(model, dataset, batch_size, num_workers)
+    top = rank(model, dataset, batch_size, num_workers, precision=precision)
     names = [img['captions'][0] for img in dataset.imgs]
     targets = [q['target_caption'] for q in dataset.get_test_queries()]
     recalls = test_retrieval.recalls_at_k(top, names, targets, RECALL_KS)

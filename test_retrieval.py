@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import datasets
 import distributed
+import amp
 
 RECALL_KS = (1, 5, 10, 50, 100)
 
@@ -83,7 +84,10 @@ def _all_shares(features, device):
 
 
 @torch.inference_mode()
-def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
+def compute_query_features(model, dataset, queries, batch_size, num_workers=0,
+                           precision=amp.FLOAT32):
+    """Composed features of `queries`, float32 whatever `precision` the model ran in (the
+    ranking and the recalls are float32)."""
     device = model_device(model)
     queries = _own_share(queries)
     source_ids = [q['source_img_id'] for q in queries]
@@ -93,27 +97,36 @@ def compute_query_features(model, dataset, queries, batch_size, num_workers=0):
                            _image_batches(dataset, source_ids, batch_size, num_workers,
                                           'Query features', queries=True)):
         imgs = imgs.to(device, non_blocking=True)
-        features.append(model.compose_img_text(imgs, texts[start:start + batch_size]).float())
+        with amp.autocast(precision, device.type):
+            composed = model.compose_img_text(imgs, texts[start:start + batch_size])
+        features.append(composed.float())
     return _all_shares(features, device)
 
 
 @torch.inference_mode()
-def compute_gallery_features(model, dataset, batch_size, num_workers=0, ids=None):
+def compute_gallery_features(model, dataset, batch_size, num_workers=0, ids=None,
+                             precision=amp.FLOAT32):
+    """Image features of `ids` (default: every image), float32 whatever `precision`."""
     device = model_device(model)
     ids = _own_share(list(range(len(dataset.imgs)) if ids is None else ids))
-    features = [model.extract_img_feature(imgs.to(device, non_blocking=True)).float()
-                for imgs in _image_batches(dataset, ids, batch_size, num_workers, 'Gallery features')]
+    features = []
+    for imgs in _image_batches(dataset, ids, batch_size, num_workers, 'Gallery features'):
+        with amp.autocast(precision, device.type):
+            extracted = model.extract_img_feature(imgs.to(device, non_blocking=True))
+        features.append(extracted.float())
     return _all_shares(features, device)
 
 
 @torch.inference_mode()
-def compute_example_features(model, dataset, examples, batch_size, num_workers=0):
+def compute_example_features(model, dataset, examples, batch_size, num_workers=0,
+                             precision=amp.FLOAT32):
     """Query and target features of sampled training examples (splits without test queries),
     read by image id through the same batched paths as the test queries: only the features are
     kept, so memory does not grow with the number of examples."""
-    queries = compute_query_features(model, dataset, examples, batch_size, num_workers)
+    queries = compute_query_features(model, dataset, examples, batch_size, num_workers, precision)
     targets = compute_gallery_features(model, dataset, batch_size, num_workers,
-                                       ids=[e['target_img_id'] for e in examples])
+                                       ids=[e['target_img_id'] for e in examples],
+                                       precision=precision)
     return queries, targets
 
 
@@ -192,16 +205,18 @@ def sample_training_examples(dataset, count=None, seed=SAMPLE_SEED):
     return draw_training_examples(dataset, count, seed)
 
 
-def training_example_features(model, dataset, batch_size, num_workers):
+def training_example_features(model, dataset, batch_size, num_workers, precision=amp.FLOAT32):
     """(examples, query features, target features) of the sampled training examples."""
     examples = sample_training_examples(dataset)
     try:
-        return (examples,) + compute_example_features(model, dataset, examples, batch_size, num_workers)
+        return (examples,) + compute_example_features(model, dataset, examples, batch_size,
+                                                      num_workers, precision)
     except datasets.ImageReadError:
         # Training draws another example when an image cannot be read, and so did the
         # reference's sample, which read images while drawing: draw again, reading them.
         examples = draw_training_examples(dataset, len(examples), read_images=True)
-        return (examples,) + compute_example_features(model, dataset, examples, batch_size, num_workers)
+        return (examples,) + compute_example_features(model, dataset, examples, batch_size,
+                                                      num_workers, precision)
 
 
 def nearest_neighbours(queries, gallery, exclude=None, k=110):
@@ -268,23 +283,27 @@ def test(opt, model, testset, features=None):
     """Retrieval test of `model` on `testset`: a list of (metric name, recall).
 
     A dict given as `features` receives the L2-normalised 'query' and 'gallery' features and
-    'exclude' (each query's source image id, or None), for callers that show some results."""
+    'exclude' (each query's source image id, or None), for callers that show some results.
+    The features are computed in `opt.precision` (main.py's decision for --amp; float32 without)."""
     was_training = model.training
     model.eval()
     batch_size = opt.batch_size
     num_workers = getattr(opt, 'loader_num_workers', 0)
+    precision = getattr(opt, 'precision', amp.FLOAT32)
     try:
         queries = testset.get_test_queries()
         if queries:
-            query_features = compute_query_features(model, testset, queries, batch_size, num_workers)
-            gallery_features = compute_gallery_features(model, testset, batch_size, num_workers)
+            query_features = compute_query_features(model, testset, queries, batch_size,
+                                                    num_workers, precision)
+            gallery_features = compute_gallery_features(model, testset, batch_size, num_workers,
+                                                        precision=precision)
             gallery_captions = [img['captions'][0] for img in testset.imgs]
             target_captions = [q['target_caption'] for q in queries]
             exclude = torch.tensor([q['source_img_id'] for q in queries],
                                    device=query_features.device)
         else:
             examples, query_features, gallery_features = training_example_features(
-                model, testset, batch_size, num_workers)
+                model, testset, batch_size, num_workers, precision)
             gallery_captions = target_captions = [e['target_caption'] for e in examples]
             exclude = None
         query_features = torch.nn.functional.normalize(query_features, dim=1)

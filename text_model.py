@@ -82,7 +82,12 @@ class TextLSTMModel(torch.nn.Module):
         embedded = self.embedding_layer(padded.to(device, non_blocking=True))
         # The LSTM reads left to right from a zero state, so the output at a text's last token
         # does not depend on the padding after it.
-        lstm_output, _ = self.lstm(embedded)
+        # CPU autocast (--amp) would send the LSTM to oneDNN's bfloat16 kernel, which processors
+        # without native bfloat16 cannot build at all (AVX2: "could not create a primitive
+        # descriptor"); the LSTM is a small share of a step, so it stays float32 on every CPU.
+        # CUDA's autocast is left as it was.
+        with torch.autocast('cpu', enabled=False):
+            lstm_output, _ = self.lstm(embedded)
         batch_index = torch.arange(len(texts), device=device)
         text_features = lstm_output[lengths - 1, batch_index]
         return self.fc_output(text_features)

@@ -1,0 +1,246 @@
+"""--amp: which precision a run computes in, and what runs in bfloat16 (amp.py).
+
+bfloat16 on a CPU without native support (this project's CI) is emulated and ~20x slower than
+float32, so the model checks use a ResNet-18 on a few small images."""
+import types
+
+import pytest
+import torch
+
+import amp
+import img_text_composition_models
+import test_retrieval
+
+# /proc/cpuinfo excerpts (flags trimmed).
+ZEN2_AVX2 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu vme de pse sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni
+bugs\t\t: sysret_ss_attrs spectre_v1
+"""
+ZEN4 = ZEN2_AVX2.replace('sha_ni', 'sha_ni avx512f avx512bw avx512_bf16 avx512vnni')
+SAPPHIRE_RAPIDS = ZEN2_AVX2.replace('sha_ni', 'sha_ni avx512f amx_bf16 amx_tile amx_int8')
+SKYLAKE_AVX512 = ZEN2_AVX2.replace('sha_ni', 'sha_ni avx512f avx512bw avx512vl')
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics sve i8mm bf16 dgh rng
+CPU implementer\t: 0x41
+"""
+GRAVITON2 = GRAVITON3.replace(' i8mm bf16', '')
+# 'bf16' outside the flag lines (a model name) says nothing.
+NAMED_ONLY = 'model name\t: Example bf16 avx512_bf16 Processor\nflags\t\t: fpu sse2 avx2\n'
+
+
+@pytest.mark.parametrize('text, native', [
+    (ZEN2_AVX2, False), (ZEN4, True), (SAPPHIRE_RAPIDS, True), (SKYLAKE_AVX512, False),
+    (GRAVITON3, True), (GRAVITON2, False), (NAMED_ONLY, False), ('', False)])
+def test_cpuinfo_flags_of_native_bfloat16(text, native):
+    assert amp.cpuinfo_has_native_bf16(text) is native
+
+
+def test_native_bfloat16_through_what_the_system_publishes(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(ZEN4)
+    assert amp.cpu_has_native_bf16('linux', str(cpuinfo)) is True
+    cpuinfo.write_text(ZEN2_AVX2)
+    assert amp.cpu_has_native_bf16('linux', str(cpuinfo)) is False
+    assert amp.cpu_has_native_bf16('linux', str(tmp_path / 'absent')) is False
+    assert amp.cpu_has_native_bf16('win32', str(cpuinfo)) is False
+
+    asked = []
+
+    def sysctl(answer, code=0):
+        def run(args, **kwargs):
+            asked.append(args)
+            return types.SimpleNamespace(returncode=code, stdout=answer)
+        return run
+    monkeypatch.setattr(amp.subprocess, 'run', sysctl('1\n'))
+    assert amp.cpu_has_native_bf16('darwin') is True
+    assert asked[-1] == ['sysctl', '-n', 'hw.optional.arm.FEAT_BF16']
+    monkeypatch.setattr(amp.subprocess, 'run', sysctl('0\n'))
+    assert amp.cpu_has_native_bf16('darwin') is False
+    # An Intel Mac has no such key: sysctl fails.
+    monkeypatch.setattr(amp.subprocess, 'run', sysctl('', code=1))
+    assert amp.cpu_has_native_bf16('darwin') is False
+
+
+def test_the_environment_override():
+    assert amp.cpu_bf16_override({}) is None
+    assert amp.cpu_bf16_override({'TIRG_CPU_BF16': ''}) is None
+    assert amp.cpu_bf16_override({'TIRG_CPU_BF16': '1'}) is True
+    assert amp.cpu_bf16_override({'TIRG_CPU_BF16': ' 0 '}) is False
+    with pytest.raises(amp.PrecisionSettingError) as error:
+        amp.cpu_bf16_override({'TIRG_CPU_BF16': 'yes'})
+    assert str(error.value) == ('TIRG_CPU_BF16=yes: expected 1 (bfloat16 autocast on the CPU '
+                                'under --amp) or 0 (float32)')
+
+
+NO_NATIVE = ('--amp: this processor has no native bfloat16 (bfloat16 would be slower than '
+             'float32 here): computing in float32')
+
+
+@pytest.mark.parametrize('amp_flag, device, environ, native, expected', [
+    (False, 'cpu', {}, True, ('float32', None)),
+    (False, 'cuda', {'TIRG_CPU_BF16': '1'}, False, ('float32', None)),
+    (True, 'cuda', {}, False, ('bfloat16', None)),
+    (True, 'cuda', {'TIRG_CPU_BF16': '0'}, False, ('bfloat16', None)),  # a CPU setting
+    (True, 'cpu', {}, True, ('bfloat16', None)),
+    (True, 'cpu', {}, False, ('float32', NO_NATIVE)),
+    (True, 'cpu', {'TIRG_CPU_BF16': '1'}, False,
+     ('bfloat16', '--amp: TIRG_CPU_BF16=1: bfloat16 autocast on a CPU without native bfloat16 '
+                  '(emulated: slower than float32)')),
+    (True, 'cpu', {'TIRG_CPU_BF16': '1'}, True, ('bfloat16', None)),
+    (True, 'cpu', {'TIRG_CPU_BF16': '0'}, True,
+     ('float32', '--amp: TIRG_CPU_BF16=0: computing in float32 on the CPU')),
+    (True, 'mps', {}, True,
+     ('float32', '--amp: bfloat16 autocast runs on CUDA and on CPUs with native bfloat16, not '
+                 'on mps: computing in float32')),
+])
+def test_the_precision_a_run_computes_in(amp_flag, device, environ, native, expected):
+    assert amp.choose(amp_flag, device, environ, native) == expected
+
+
+def test_without_amp_the_processor_is_not_asked(monkeypatch):
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: pytest.fail('detected'))
+    assert amp.choose(False, 'cpu', {}) == ('float32', None)
+
+
+def test_the_default_detection_on_linux_reads_proc_cpuinfo(monkeypatch, tmp_path):
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: False)
+    assert amp.choose(True, 'cpu', {}) == ('float32', NO_NATIVE)
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: True)
+    assert amp.choose(True, 'cpu', {}) == ('bfloat16', None)
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs in bfloat16.
+
+TEXTS = ['make top-left red object blue', 'add a small gray circle', 'remove', '',
+         'make middle-center cyan object purple']
+
+
+def tiny_tirg(seed=3):
+    torch.manual_seed(seed)
+    model = img_text_composition_models.TIRG(TEXTS, embed_dim=24, pretrained=False)
+    return model
+
+
+def images(seed, count=2):
+    # Awkward: not square, not a power of two.
+    return torch.randn(count, 3, 40, 56, generator=torch.Generator().manual_seed(seed))
+
+
+def loss_and_dtypes(model, precision):
+    """(loss, {where: dtype}) of one training loss under `precision`, as main.py computes it."""
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            output = output[0] if isinstance(output, tuple) else output  # the LSTM's (out, state)
+            seen.setdefault(name, (inputs[0].dtype, output.dtype))
+        return hook
+    handles = [model.normalization_layer.register_forward_hook(record('normalization')),
+               model.text_model.lstm.register_forward_hook(record('lstm')),
+               model.img_model.conv1.register_forward_hook(record('conv1')),
+               model.img_model.fc.register_forward_hook(record('fc'))]
+    original = model.soft_triplet_loss.forward
+
+    def loss_forward(x, triplets):
+        seen['loss input'] = x.dtype
+        return original(x, triplets)
+    model.soft_triplet_loss.forward = loss_forward
+    try:
+        torch.manual_seed(11)  # the same triplets and dropout masks under either precision
+        with amp.autocast(precision, 'cpu'):
+            loss = model(images(1), TEXTS[:2], images(2))
+        return loss, seen
+    finally:
+        for handle in handles:
+            handle.remove()
+        del model.soft_triplet_loss.forward
+
+
+def test_bfloat16_runs_the_encoders_and_the_loss_gets_float32():
+    model = tiny_tirg()
+    loss32, seen32 = loss_and_dtypes(model, 'float32')
+    loss16, seen16 = loss_and_dtypes(model, 'bfloat16')
+    assert seen32['conv1'] == seen32['fc'] == (torch.float32, torch.float32)
+    # The image encoder computes in bfloat16 from float32 images...
+    assert seen16['conv1'] == (torch.float32, torch.bfloat16)
+    assert seen16['fc'] == (torch.bfloat16, torch.bfloat16)
+    # ...the LSTM in float32 (oneDNN's bfloat16 LSTM needs native bfloat16 instructions)...
+    assert seen16['lstm'] == (torch.float32, torch.float32)
+    # ...and the normalisation and the loss in float32.
+    assert seen16['normalization'] == (torch.float32, torch.float32)
+    assert seen16['loss input'] == torch.float32
+    assert loss16.dtype == loss32.dtype == torch.float32
+    # Computed in bfloat16 (8 bits of mantissa): close to float32's loss, not the same.
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.05)
+    assert loss16.item() != loss32.item()
+
+
+def test_weights_gradients_and_optimizer_state_stay_float32_under_bfloat16():
+    model = tiny_tirg()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss, _ = loss_and_dtypes(model, 'bfloat16')
+    loss.backward()
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    optimizer.step()
+    assert {v.dtype for v in model.state_dict().values() if v.is_floating_point()} == {torch.float32}
+    assert {s['momentum_buffer'].dtype for s in optimizer.state.values()} == {torch.float32}
+
+
+class TwoImages:
+    """The dataset API the feature extraction reads: three images and two queries."""
+
+    def __init__(self):
+        self.imgs = [{'captions': [f'image {i}']} for i in range(3)]
+
+    def get_img(self, idx, raw_img=False):
+        return images(10 + idx, count=1)[0]
+
+
+def test_features_leave_the_extraction_in_float32_computed_in_bfloat16():
+    model = tiny_tirg().eval()
+    dataset = TwoImages()
+    queries = [{'source_img_id': 2, 'mod': {'str': TEXTS[0]}}, {'source_img_id': 0, 'mod': {'str': ''}}]
+    features = {}
+    for precision in ('float32', 'bfloat16'):
+        gallery = test_retrieval.compute_gallery_features(model, dataset, 2, precision=precision)
+        query = test_retrieval.compute_query_features(model, dataset, queries, 2, 0, precision)
+        assert gallery.dtype == query.dtype == torch.float32
+        assert gallery.shape == (3, 24) and query.shape == (2, 24)
+        features[precision] = gallery, query
+    for f32, bf16 in zip(features['float32'], features['bfloat16']):
+        assert torch.allclose(bf16, f32, rtol=0.05, atol=0.05 * float(f32.abs().max()))
+        assert not torch.equal(bf16, f32)
+
+
+def test_the_retrieval_test_ranks_float32_features_in_its_options_precision(monkeypatch):
+    model = tiny_tirg()
+    dataset = TwoImages()
+    dataset.get_test_queries = lambda: [{'source_img_id': 1, 'mod': {'str': TEXTS[1]},
+                                         'target_caption': 'image 2'}]
+    extracted, ranked = [], []
+    original_gallery = test_retrieval.compute_gallery_features
+
+    def gallery_features(*args, precision='float32', **kwargs):
+        extracted.append(precision)
+        return original_gallery(*args, precision=precision, **kwargs)
+    original_ranking = test_retrieval.nearest_neighbours
+
+    def nearest_neighbours(queries, gallery, *args, **kwargs):
+        ranked.append((queries.dtype, gallery.dtype))
+        return original_ranking(queries, gallery, *args, **kwargs)
+    monkeypatch.setattr(test_retrieval, 'compute_gallery_features', gallery_features)
+    monkeypatch.setattr(test_retrieval, 'nearest_neighbours', nearest_neighbours)
+    opt = types.SimpleNamespace(batch_size=2, loader_num_workers=0, dataset='css3d',
+                                precision='bfloat16')
+    metrics = dict(test_retrieval.test(opt, model, dataset))
+    assert extracted == ['bfloat16']
+    assert ranked == [(torch.float32, torch.float32)]
+    assert set(metrics) == {f'recall_top{k}_correct_composition' for k in (1, 5, 10, 50, 100)}
+    # Without a precision (a caller that predates --amp): float32.
+    del opt.precision
+    test_retrieval.test(opt, model, dataset)
+    assert extracted == ['bfloat16', 'float32']
