@@ -113,8 +113,8 @@ def parse_args(argv=None):
 
 def run(args):
     device = check_device(args.device)
-    if args.json:
-        check_json_path(args.json)
+    check_json_path(args.json)
+    data.check_given_trees(args)  # a wrong tree ends the run before anything is timed
     set_up_torch(device, args.threads, args.seed)
     header = machine_header(device, args.amp)
     print(header_line(header), flush=True)

@@ -73,7 +73,9 @@ def check_device(name):
 
 
 def check_json_path(path):
-    """--json must be writable before the minutes of measuring, not after them."""
+    """--json, when given, must be writable before the minutes of measuring, not after them."""
+    if path is None:
+        return
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SystemExit(f'bench.py: --json={path}: no such folder {folder}')

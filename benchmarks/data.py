@@ -84,13 +84,46 @@ def measure(args, device, tmp):
     best = max(rates.values())
     lines.append(f'data images for one Fashion200k iteration (2x32): {64 / best:.3f} s at the best '
                  f'rate above ({best:.1f} img/s)')
-    for name, tree in (('fashioniq', args.fiq_path), ('cirr', args.cirr_path), ('shoes', args.shoes_path)):
+    for name, flag in TREE_FLAGS.items():
+        tree = getattr(args, flag)
         generated = tree is None
         if generated:
             tree = write_triplet_tree(name, os.path.join(tmp, name), paths)
         line, result[name] = measure_triplet_loader(args, name, tree, generated)
         lines.append(line)
     return lines, result
+
+
+# The flag giving a real tree of each dataset the section times a loader of.
+TREE_FLAGS = {'fashioniq': 'fiq_path', 'cirr': 'cirr_path', 'shoes': 'shoes_path'}
+
+
+def load_train_split(args, dataset_name, root):
+    """(main.py's options, train split) of the tree at `root`; a bad tree is a one-line exit
+    naming the bench flag that gave it (not main.py's --dataset_path)."""
+    flag = TREE_FLAGS[dataset_name]
+    if not os.path.isdir(root):
+        raise SystemExit(f'bench.py: --{flag}={root}: no such folder')
+    opt = main.parse_opt([f'--dataset={dataset_name}', f'--dataset_path={root}',
+                          f'--batch_size={args.batch_size}', f'--seed={args.seed}',
+                          '--img_weights=none', '--fiq_category=all'])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainset, _ = experiment.load_dataset(opt, 'train')
+            main.fit_batch_size(opt, trainset)  # a tree smaller than the batch: one batch an epoch
+    except (experiment.UserError, datasets.DatasetError) as e:
+        raise SystemExit(f'bench.py: --{flag}: {e}') from None
+    return opt, trainset
+
+
+def check_given_trees(args):
+    """Every real tree given to the data section is read before any section times anything, so
+    a wrong path ends the run at once rather than after minutes of other measurements."""
+    if 'data' not in args.sections:
+        return
+    for name, flag in TREE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            load_train_split(args, name, getattr(args, flag))
 
 
 def triplets_per_second(opt, trainset, batches):
@@ -111,16 +144,7 @@ def triplets_per_second(opt, trainset, batches):
 
 
 def measure_triplet_loader(args, dataset_name, root, generated):
-    opt = main.parse_opt([f'--dataset={dataset_name}', f'--dataset_path={root}',
-                          f'--batch_size={args.batch_size}', f'--seed={args.seed}',
-                          '--img_weights=none', '--fiq_category=all'])
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            trainset, _ = experiment.load_dataset(opt, 'train')
-            main.fit_batch_size(opt, trainset)  # a tree smaller than the batch: one batch an epoch
-    except (experiment.UserError, datasets.DatasetError) as e:
-        flag = {'fashioniq': 'fiq', 'cirr': 'cirr', 'shoes': 'shoes'}[dataset_name]
-        raise SystemExit(f'bench.py: --{flag}_path: {e}') from None
+    opt, trainset = load_train_split(args, dataset_name, root)
     rates = {}
     for workers in (0, args.workers):
         opt.loader_num_workers = workers

@@ -13,7 +13,7 @@ from conftest import REPO
 
 import bench
 import model_registry
-from benchmarks import loss, retrieval
+from benchmarks import data, loss, retrieval
 
 
 def test_quick_run_prints_every_section_with_ratios(tmp_path):
@@ -114,11 +114,33 @@ def test_retrieval_features_give_exact_scores_and_no_ties_across_captions():
     assert len({x['target_caption'] for x in queries}) > 1
 
 
-def test_a_missing_real_tree_is_a_one_line_exit(tmp_path):
-    missing = str(tmp_path / 'no_fashioniq')
+@pytest.mark.parametrize('flag', ['fiq_path', 'cirr_path', 'shoes_path'])
+def test_a_missing_real_tree_is_a_one_line_exit_naming_its_flag_before_anything_is_timed(
+        tmp_path, capsys, monkeypatch, flag):
+    """Issue 23 item 19: it named main.py's --dataset_path, after timing the other loaders."""
+    missing = str(tmp_path / 'nonexistent')
+    timed = []
+    for module in (retrieval, data):
+        monkeypatch.setattr(module, 'measure', lambda *a: timed.append(1) or ([], {}))
     with pytest.raises(SystemExit) as info:
-        bench.run(bench.parse_args(['--quick', '--only', 'data', '--fiq_path', missing]))
-    assert str(info.value) == f'bench.py: --fiq_path: --dataset_path={missing}: no such folder'
+        bench.run(bench.parse_args(['--quick', '--only', 'retrieval,data', f'--{flag}', missing]))
+    assert str(info.value) == f'bench.py: --{flag}={missing}: no such folder'
+    assert timed == [] and capsys.readouterr().out == ''
+    # Given to no section that reads it, the path is not looked at.
+    bench.run(bench.parse_args(['--quick', '--only', 'retrieval', f'--{flag}', missing]))
+    assert timed == [1]
+
+
+def test_a_bad_real_tree_is_a_one_line_exit_before_anything_is_timed(tmp_path, capsys, monkeypatch):
+    from shoes_fixtures import small_lists, write_shoes
+    root = str(tmp_path / 'shoes')
+    write_shoes(root, *small_lists())
+    os.remove(os.path.join(root, 'relative_captions_shoes.json'))
+    monkeypatch.setattr(retrieval, 'measure', lambda *a: pytest.fail('timed before the tree was read'))
+    with pytest.raises(SystemExit) as info:
+        bench.run(bench.parse_args(['--quick', '--only', 'retrieval,data', '--shoes_path', root]))
+    assert str(info.value).startswith(f'bench.py: --shoes_path: {root}/relative_captions_shoes.json: ')
+    assert capsys.readouterr().out == ''
 
 
 @pytest.mark.parametrize('flags, expected', [
