@@ -1,7 +1,9 @@
 """The paper's other composition methods and its two ablations of TIRG (SPEC section 3.1).
 
 The paper compares TIRG with these methods but gives no layer sizes for them; the sizes here are
-this project's choice, following each method's own paper (docs/baselines.md: "The paper's other methods").
+this project's choice, following each method's own paper (docs/baselines.md: "The paper's other
+methods"; how each differs from its authors' code, and why: "How each method differs from its
+authors' code").
 Every model keeps the reference's image and text encoders (`img_model`, `text_model`), losses and
 normalisation; targets go through the plain image encoder.  Models that read the layer4 map M
 take its channel count C from the image encoder they built (512 for ResNet-18, 2048 for
