@@ -74,7 +74,7 @@ def read_image_paths(split_path):
     paths = expect_type(fashioniq.read_json(
         split_path, f'CIRR image split file not found (expected {LAYOUT})'), dict, split_path)
     for name, relative_path in paths.items():
-        expect_type(relative_path, str, f'{split_path} entry "{name}"')
+        expect_type(relative_path, str, f'{split_path} entry "{datasets.echoed(name)}"')
     return paths
 
 

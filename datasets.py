@@ -323,6 +323,16 @@ def preview(value):
     return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS - 3] + '...'
 
 
+ECHO_CHARS = 80
+
+
+def echoed(text):
+    """A name or line of a user's file as a message shows it: control characters (a line break)
+    escaped, and cut after ECHO_CHARS characters, so a 20 MB line is not printed whole."""
+    shown = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text[:ECHO_CHARS])
+    return shown + ('...' if len(text) > ECHO_CHARS else '')
+
+
 def preview_keys(mapping, shown=8):
     """The first keys of a dict (text keys sorted, then the others), for a message."""
     keys = sorted(k for k in mapping if isinstance(k, str))

@@ -36,7 +36,7 @@ LAYOUT = ('<root>/captions/cap.<category>.<split>.json, <root>/image_splits/spli
 def read_json(file_path, missing_message):
     """The parsed content of `file_path`; any problem is one DatasetError line naming it."""
     try:
-        with open(file_path, encoding='utf-8') as f:
+        with open(file_path, encoding='utf-8-sig') as f:  # a byte order mark is UTF-8 too
             return json.load(f)
     except FileNotFoundError:
         raise datasets.DatasetError(f'{file_path}: {missing_message}') from None
@@ -77,12 +77,13 @@ def entry_field(entry, field, kind, file_path, index):
 
 def check_listed(name, field, listed, file_path, index, split_file):
     if name not in listed:
-        raise datasets.DatasetError(f'{file_path} entry {index}: {field} "{name}" is not in '
-                                    f'{split_file}')
+        raise datasets.DatasetError(f'{file_path} entry {index}: {field} '
+                                    f'"{datasets.echoed(name)}" is not in {split_file}')
 
 
 def missing_images_error(dataset_name, split, missing, total, where):
-    shown = ', '.join(missing[:MISSING_NAMES_SHOWN]) + (', ...' if len(missing) > MISSING_NAMES_SHOWN else '')
+    shown = ', '.join(map(datasets.echoed, missing[:MISSING_NAMES_SHOWN])) + (
+        ', ...' if len(missing) > MISSING_NAMES_SHOWN else '')
     return datasets.DatasetError(
         f'{where}: {len(missing)} of the {total} images the {dataset_name} {split} split needs are '
         f'missing ({shown}); --skip_missing_images drops the entries that use them')

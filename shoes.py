@@ -45,7 +45,7 @@ def read_names(root, split):
     """[(line number, name)] of a split's list, blank lines left out."""
     file_path = list_path(root, split)
     try:
-        with open(file_path, encoding='utf-8') as f:
+        with open(file_path, encoding='utf-8-sig') as f:  # a byte order mark is UTF-8 too
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise datasets.DatasetError(f'{file_path}: Shoes image list not found (expected {LAYOUT})') from None
@@ -87,8 +87,9 @@ def check_names_known(root, split, numbered_names, triplets, images):
     for number, name in numbered_names:
         if name not in used and name not in images:
             raise datasets.DatasetError(
-                f'{list_path(root, split)} line {number}: "{name}" is in no triplet of '
-                f'{os.path.join(root, CAPTIONS_FILE)} and no image under {root} (womens* folders)')
+                f'{list_path(root, split)} line {number}: "{datasets.echoed(name)}" is in no '
+                f'triplet of {os.path.join(root, CAPTIONS_FILE)} and no image under {root} '
+                f'(womens* folders)')
 
 
 def protocol_triplets(triplets, names, protocol, earlier_names=()):

@@ -356,6 +356,42 @@ def test_unique_eval_list_repeating_a_name_has_it_once_in_the_gallery_and_counts
     assert pairs(test) == triplet_pairs(triplets, [3, 4, 9])
 
 
+def test_a_byte_order_mark_is_read_as_utf8(small):
+    """Issue 23 item 19: files saved by editors that write a UTF-8 byte order mark."""
+    root, triplets = small
+    for file_name in ('relative_captions_shoes.json', 'train_im_names.txt', 'eval_im_names.txt'):
+        path = os.path.join(str(root), file_name)
+        with open(path, 'rb') as f:
+            content = f.read()
+        with open(path, 'wb') as f:
+            f.write(b'\xef\xbb\xbf' + content)
+    assert pairs(load(root, protocol='unique')) == triplet_pairs(triplets, [3, 4, 9])
+    assert pairs(load(root, 'train', protocol='unique')) == triplet_pairs(triplets, [0, 1, 2, 10])
+    assert load(root, 'train').get_all_texts()[0] == triplets[0][2]
+
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_a_20_mb_list_line_is_not_echoed_whole(small, split):
+    train, evaluation, _ = small_lists()
+    line = 'img_womens_' + 'x' * 20_000_000
+    file_name, names = {'train': ('train_im_names.txt', train), 'test': ('eval_im_names.txt', evaluation)}[split]
+    rewrite(small[0], file_name, '\n'.join(names + [line]) + '\n')
+    with pytest.raises(datasets.DatasetError) as e:
+        load(small[0], split)
+    message = str(e.value)
+    assert len(message) < 600 and '\n' not in message
+    assert line[:80] + '...' in message and line[:81] not in message
+
+
+def test_a_missing_name_holding_a_line_break_is_escaped_in_the_one_line_error(tmp_path):
+    train, evaluation, triplets = small_lists()
+    write_shoes(str(tmp_path), train, evaluation, triplets + [(evaluation[0], 'two\nlines.jpg', 'x')],
+                missing=['two\nlines.jpg'])
+    with pytest.raises(datasets.DatasetError) as e:
+        load(tmp_path, protocol='val')
+    assert '\n' not in str(e.value) and '(two\\nlines.jpg)' in str(e.value)
+
+
 def test_a_name_found_twice_names_both_paths(small):
     root = str(small[0])
     name = image_name(1)
