@@ -125,6 +125,10 @@ def _resnet_from_file(backbone, path, flag='--img_weights='):
     mismatch = checkpoints.describe_state_dict_mismatch(model, state)
     if mismatch:
         fail(f'not {spec.title} weights ({mismatch})')
+    # NaN weights would only show as a NaN loss, which reads like a learning rate too high.
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        fail(f'the weights file holds non-finite values (NaN or infinity), in {bad}')
     model.load_state_dict(state)
     return model
 

@@ -192,7 +192,9 @@ def check_img_weights(opt):
         return
     title = img_text_composition_models.BACKBONES[opt.img_backbone].title
     if not os.path.isfile(opt.img_weights):
-        raise UserError(f"--img_weights={opt.img_weights}: no such file (expected 'imagenet', "
+        what = ('a folder, not a file' if os.path.isdir(opt.img_weights) else
+                'not a regular file' if os.path.exists(opt.img_weights) else 'no such file')
+        raise UserError(f"--img_weights={opt.img_weights}: {what} (expected 'imagenet', "
                         f"'none' or a path to a {title} state dict)")
     try:
         img_text_composition_models.load_resnet(opt.img_backbone, opt.img_weights)

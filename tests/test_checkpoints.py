@@ -106,6 +106,10 @@ def _write_weights_case(case, path):
         torch.save({'conv1.weight': 'x'}, path)
     elif case == 'ResNet-34':
         torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    elif case == 'a NaN':
+        state = torchvision.models.resnet18(weights=None).state_dict()
+        state['layer3.1.bn2.weight'][7] = float('nan')
+        torch.save(state, path)
     elif case == 'truncated':
         torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
         with open(path, 'r+b') as f:
@@ -121,6 +125,7 @@ WEIGHTS_CASES = {
     'strings for tensors': 'a dict whose values are not all tensors',
     'ResNet-34': 'not ResNet-18 weights (96 unexpected keys',
     'truncated': 'not a torch weights file',
+    'a NaN': 'the weights file holds non-finite values (NaN or infinity), in layer3.1.bn2.weight',
     'a folder': 'cannot read it (Is a directory)',
     'missing': 'cannot read it (No such file or directory)',
 }
@@ -141,6 +146,29 @@ def test_img_weights_that_are_not_resnet18_weights_are_one_line_errors(tmp_path,
     assert message.endswith('expected a torchvision ResNet-18 state dict (such as '
                             'resnet18-f37072fd.pth)')
     assert '\n' not in message
+
+
+@pytest.mark.parametrize('case, expected', [
+    ('a folder', 'a folder, not a file'),
+    ('missing', 'no such file'),
+    ('a NaN', 'the weights file holds non-finite values (NaN or infinity), in layer3.1.bn2.weight'),
+])
+def test_main_says_what_is_wrong_with_img_weights_before_any_run_folder(tmp_path, capsys, monkeypatch,
+                                                                         case, expected):
+    """Issue 23 item 19: a folder read "no such file"; NaN weights trained to a NaN loss whose
+    advice was a lower --learning_rate."""
+    import main
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / 'weights')
+    if case == 'a folder':
+        os.mkdir(path)
+    elif case == 'a NaN':
+        _write_weights_case(case, path)
+    assert main.main([f'--img_weights={path}', f'--dataset_path={tmp_path}/none']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'main.py: error: --img_weights={path}: {expected}')
+    assert 'learning_rate' not in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'runs')
 
 
 def test_main_reports_a_checkpoint_given_as_img_weights_in_one_line(tmp_path, capsys):
