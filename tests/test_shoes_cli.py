@@ -272,6 +272,16 @@ def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
         assert [line.caption for line in lines if line.target] == [target]
         assert lines[-1].target == (target == reference) == (protocol == 'unique')
     assert len(os.listdir(tmp_path / 'cache')) == 2  # a gallery cache per protocol
+    # A gallery image given as --query_img is ranked last too, and said so.
+    reference = eval_names[0]
+    code = retrieve.main_cli([f'--checkpoint={checkpoint}', f'--query_img={paths[reference]}',
+                              '--query_text=taller', '--topk=100', '--loader_num_workers=0',
+                              f'--cache_dir={tmp_path / "cache"}'])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert 'ranked last (score -inf), as in the Shoes protocols' in err
+    lines = ranked_lines(out)
+    assert len(lines) == 14 and lines[-1].caption == reference and lines[-1].score == float('-inf')
 
 
 def test_two_torchrun_processes_train_and_test_as_one(tmp_path, capsys):
