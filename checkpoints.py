@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 import torch
 
+import distributed
+
 FORMAT_VERSION = 1
 
 
@@ -249,3 +251,162 @@ def describe_state_dict_mismatch(model, state_dict):
     if shapes:
         parts.append(f'{len(shapes)} shapes differ (e.g. {shapes[0]})')
     return '; '.join(parts) or None
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run's checkpoint holds besides the weights, and resuming from it.  The flags are
+# main.py's: its parser and defaults are passed in, so that this module never imports main.py.
+
+# What the best checkpoint tracks, per dataset (SPEC 2.4, 2.5, 2.6; recall@1 for the reference's three).
+TRACKED_METRICS = {'fashioniq': 'test recall_mean', 'cirr': 'test recall_avg', 'shoes': 'test recall_mean'}
+DEFAULT_TRACKED_METRIC = 'test recall_top1_correct_composition'
+
+
+def tracked_metric(dataset):
+    return TRACKED_METRICS.get(dataset, DEFAULT_TRACKED_METRIC)
+
+
+def build(opt, model, optimizer, progress):
+    """A run's checkpoint: the reference's keys, then what a resumed run needs to go on exactly."""
+    return {
+        'it': progress['it'],
+        'opt': opt,
+        'model_state_dict': model.state_dict(),
+        'format_version': FORMAT_VERSION,
+        'vocab': model.text_model.vocab.words(),
+        'optimizer_state_dict': optimizer.state_dict(),
+        'epoch': progress['epoch'],
+        'batches_done': progress['batches_done'],
+        'losses': progress['losses'],
+        'best_recall': progress['best_recall'],
+        'finished': progress.get('finished', False),
+        'rng': rng_states(),
+    }
+
+
+def initial_progress():
+    return {'it': 0, 'epoch': -1, 'batches_done': float('inf'), 'losses': {}, 'best_recall': None,
+            'finished': False}
+
+
+def restore_progress(ckpt):
+    return {'it': int(ckpt['it']), 'epoch': int(ckpt['epoch']),
+            'batches_done': int(ckpt['batches_done']),
+            'losses': {k: list(v) for k, v in ckpt.get('losses', {}).items()},
+            'best_recall': ckpt.get('best_recall'), 'finished': bool(ckpt.get('finished', False))}
+
+
+def restore_training_state(optimizer, ckpt, seed):
+    """The progress a resumed run starts from.  The checkpoint holds the first process's
+    generators; the others draw their own dropout masks, from (seed, rank, iteration).  The
+    examples need no state: they are keyed by position.  (A `dataset_sampler_state` of earlier
+    checkpoints, a pending pair, is not needed.)"""
+    optimizer.load_state_dict(ckpt['optimizer_state_dict'])
+    progress = restore_progress(ckpt)
+    set_rng_states(ckpt['rng'])
+    rank = distributed.rank()
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank, progress['it']])
+                              .generate_state(1)[0]))
+    distributed.print0(f'Resuming at iteration {progress["it"]}, epoch {progress["epoch"]}')
+    return progress
+
+
+# Flags that may differ between the sessions of one run: where, how fast and how long it runs,
+# not what it computes.
+RESUMABLE_FLAGS = {'resume', 'num_iters', 'loader_num_workers', 'device', 'dataset_path', 'amp',
+                   'channels_last', 'fast_decode', 'sync_bn', 'comment', 'f'}
+
+
+def options_for_resume(opt, ckpt, defaults):
+    """The run's own options (`defaults`: every flag's default).  A flag given again with the
+    run's value is fine (the original command plus --resume works); a real change of a flag that
+    shapes the experiment is refused."""
+    saved = ckpt.get('opt')
+    if 'optimizer_state_dict' not in ckpt or not isinstance(saved, argparse.Namespace):
+        raise CheckpointError(f'--resume={opt.resume}: this checkpoint holds only model weights '
+                              f'(released format?); use --checkpoint to start a new run from it')
+    check_resumable(ckpt, opt.resume)
+    if opt.checkpoint is not None:
+        raise CheckpointError('--checkpoint starts a new run from weights; --resume continues one: '
+                              'give one of them')
+    for flag in opt.explicit_flags:
+        if flag in RESUMABLE_FLAGS or not hasattr(defaults, flag):
+            continue
+        before, given = getattr(saved, flag, getattr(defaults, flag)), getattr(opt, flag)
+        if flag == 'batch_size' and given == getattr(saved, 'requested_batch_size', None):
+            continue  # the original command on a training set smaller than its batch
+        if given != before:
+            changeable = ', '.join('--' + f for f in sorted(RESUMABLE_FLAGS - {'resume', 'f'}))
+            raise CheckpointError(f'--{flag}={given}: the run in {opt.resume} used --{flag}={before}; '
+                                  f'only {changeable} can change when resuming')
+    resumed = argparse.Namespace(**{**vars(defaults), **vars(saved)})
+    # A batch fitted to a small training set is fitted again (for this number of processes)
+    # from the user's own value.
+    resumed.batch_size = vars(resumed).pop('requested_batch_size', resumed.batch_size)
+    for flag in opt.explicit_flags:
+        setattr(resumed, flag, getattr(opt, flag))
+    resumed.resume, resumed.checkpoint, resumed.test_only = opt.resume, None, False
+    resumed.explicit_flags = opt.explicit_flags
+    if 'dataset_path' not in opt.explicit_flags:
+        resumed.dataset_path = os.path.abspath(saved.dataset_path)
+        if not os.path.isdir(resumed.dataset_path):
+            raise CheckpointError(f'--resume={opt.resume}: the run\'s dataset folder '
+                                  f'{resumed.dataset_path} is not there; give --dataset_path=DIR')
+    return resumed
+
+
+def check_resume_target(opt, ckpt):
+    it = int(ckpt['it'])
+    if opt.num_iters < it or (opt.num_iters == it and ckpt.get('finished', False)):
+        raise CheckpointError(f'--num_iters={opt.num_iters}: the run in {opt.resume} is already at '
+                              f'iteration {it}; give a larger --num_iters to train further')
+
+
+# Options a checkpoint stores that say how that session was started, not what it trains.
+UNCHECKED_SAVED_OPTIONS = {'f', 'resume', 'checkpoint', 'test_only'}
+TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a text'}
+
+
+def refuse_stored_options(path, message):
+    raise CheckpointError(f'{path}: its stored options are not valid flags: {message}')
+
+
+def parse_stored_options(ckpt, path, parser):
+    """The options a checkpoint stores, parsed exactly as the same flags on the command line by
+    `parser` (a new main.get_args_parser(): types and choices), or None when it stores none;
+    the caller then checks them as it checks the command line's.  Flags added to the parser are
+    covered without a list here.  Options the parser does not know are left alone."""
+    saved = ckpt.get('opt')
+    if saved is None:
+        return None
+    if not isinstance(saved, argparse.Namespace):
+        raise CheckpointError(f'{path}: its options ("opt") are a '
+                              f'{type(saved).__name__}, not an argparse Namespace')
+
+    def refuse(message):
+        refuse_stored_options(path, message)
+    defaults = vars(parser.parse_args([]))
+    stored = {name: getattr(saved, name) for name in defaults
+              if hasattr(saved, name) and name not in UNCHECKED_SAVED_OPTIONS}
+    argv = []
+    for name, value in stored.items():
+        if isinstance(defaults[name], bool):  # a store_true flag
+            if not isinstance(value, bool):
+                refuse(f'--{name}={value!r}: expected True or False')
+            argv += [f'--{name}'] if value else []
+        elif value is None and defaults[name] is None:
+            continue
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            argv.append(f'--{name}={value}')
+        else:
+            refuse(f'--{name}={value!r}: a {type(value).__name__}, not a value a flag can take')
+    parser.error = refuse  # argparse's own message: invalid choice, invalid int value, ...
+    parsed = parser.parse_args(argv)
+    for name, value in stored.items():
+        flag_value = getattr(parsed, name)
+        same = type(flag_value) is type(value) or (isinstance(flag_value, float) and type(value) is int)
+        if value is not None and not same:
+            refuse(f'--{name}={value!r}: a {type(value).__name__}, expected '
+                   f'{TYPE_NAMES.get(type(flag_value), type(flag_value).__name__)}')
+    return parsed

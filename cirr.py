@@ -273,3 +273,13 @@ def write_test1_files(run_dir, recall, recall_subset):
         paths.append(os.path.join(run_dir, file_name))
         checkpoints.write_text_atomic(json.dumps(content), paths[-1])
     return paths
+
+
+def write_test1_submission(model, dataset, batch_size, num_workers, run_dir):
+    """main.py --test_only --test_split=test1: every process ranks its share; the first one
+    (run_dir not None) writes the evaluation server's two files there."""
+    recall, recall_subset = test1_submission(model, dataset, batch_size, num_workers)
+    if run_dir is None:
+        return
+    for path in write_test1_files(run_dir, recall, recall_subset):
+        print('Wrote', path)

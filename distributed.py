@@ -144,7 +144,7 @@ def shard_range(n):
 
 
 def slice_rows(batch_size):
-    """Rows of every process's slice of a global batch, in rank order (main.EpochBatchSampler's
+    """Rows of every process's slice of a global batch, in rank order (sampling.EpochBatchSampler's
     cut: as even as the batch allows)."""
     world = world_size()
     return [batch_size * (r + 1) // world - batch_size * r // world for r in range(world)]

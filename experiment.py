@@ -1,16 +1,20 @@
 """What main.py, retrieve.py and bench.py share: the device, the datasets, and a model built from
 flags or a checkpoint.  One-line user errors are `UserError`."""
+import contextlib
 import importlib
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 
 import checkpoints
 import datasets
+import distributed
 import img_text_composition_models
 import model_registry
+import paper_composers
 import text_model
 
 DEFAULT_DATASET_PATH = os.path.join('.', 'data', 'css_synth')
@@ -46,6 +50,15 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def seed_process(opt, rank):
+    """Training examples draw from generators keyed by their position (datasets.DrawKey), not
+    from these.  torch's stream (dropout, the loss's triplet negatives) is seed + rank: each
+    process's slice of the batch gets its own dropout masks (SPEC 9), and the triplets are the
+    first process's on every process (distributed.from_first_process)."""
+    seed_everything(opt.seed)
+    torch.manual_seed(opt.seed + rank)
 
 
 def is_default_dataset(opt):
@@ -173,6 +186,20 @@ def load_dataset(opt, test_split='test'):
     return trainset, testset
 
 
+def load_data(opt):
+    if distributed.is_main_process():
+        ensure_default_dataset(opt)
+    distributed.barrier()
+    with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
+        trainset, testset = load_dataset(opt, 'test1' if opt.test_split == 'test1' else 'test')
+    # --skip_missing_images: what was dropped travels with the run's options (tensorboard text,
+    # checkpoints), so no number is reported without its caveat.
+    skipped = {d.split: d.skipped for d in (trainset, testset) if getattr(d, 'skipped', None)}
+    if skipped:
+        opt.skipped_missing_images = skipped
+    return trainset, testset
+
+
 def create_model(opt, texts, vocab=None):
     weights = {'imagenet': True, 'none': False}.get(opt.img_weights, opt.img_weights)
     print('Creating model', opt.model)
@@ -183,6 +210,48 @@ def create_model(opt, texts, vocab=None):
     except img_text_composition_models.WeightsUnavailableError as e:
         raise UserError(str(e)) from None
     return model
+
+
+def build_model(opt, init_ckpt, init_path, trainset, testset, device):
+    vocab = None
+    if init_ckpt is not None:
+        adopt_checkpoint_architecture(opt, init_ckpt)
+        opt.checkpoint_it = int(init_ckpt.get('it', 0))
+        opt.img_weights = 'none'  # every weight comes from the checkpoint
+    check_model_fits_data(opt, testset)
+    with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
+        vocab = build_vocabulary(opt, init_ckpt, init_path, trainset)
+        model = create_model(opt, trainset.get_all_texts(), vocab)
+    if init_ckpt is not None:
+        load_model_weights(model, init_ckpt, init_path)
+    model = model.to(device)
+    if opt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_img_weights(opt):
+    if opt.img_weights in ('imagenet', 'none'):
+        return
+    title = img_text_composition_models.BACKBONES[opt.img_backbone].title
+    if not os.path.isfile(opt.img_weights):
+        what = ('a folder, not a file' if os.path.isdir(opt.img_weights) else
+                'not a regular file' if os.path.exists(opt.img_weights) else 'no such file')
+        raise UserError(f"--img_weights={opt.img_weights}: {what} (expected 'imagenet', "
+                        f"'none' or a path to a {title} state dict)")
+    try:
+        img_text_composition_models.load_resnet(opt.img_backbone, opt.img_weights)
+    except img_text_composition_models.WeightsUnavailableError as e:
+        raise UserError(str(e)) from None  # the message already names --img_weights=PATH
+
+
+def check_model_fits_data(opt, testset):
+    """Once --model is known (a checkpoint's own) and the data is read: before the model is
+    built (ImageNet weights loaded) and before any run folder."""
+    try:
+        paper_composers.check_dataset(opt.model, opt.dataset, testset)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def adopt_checkpoint_dataset(opt, ckpt, path):

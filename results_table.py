@@ -19,12 +19,12 @@ import sys
 import torch
 
 import checkpoints
-import main
+import run_folder
 from model_registry import MODELS
 
 # Options that do not change what a run computes, beyond those a resume may change: a run's
 # iteration count is its last checkpoint's (--num_iters may have grown on resume).
-IGNORED_OPTIONS = ((main.RESUMABLE_FLAGS - {'num_iters'})
+IGNORED_OPTIONS = ((checkpoints.RESUMABLE_FLAGS - {'num_iters'})
                    | {'seed', 'checkpoint', 'resume', 'resume_it', 'checkpoint_it', 'test_only',
                       'test_split', 'explicit_flags'})
 
@@ -68,7 +68,7 @@ def find_run_folders(paths):
                 subfolders[:] = []
                 continue
             visited.add(real)
-            if main.OPTIONS_FILE in files:
+            if run_folder.OPTIONS_FILE in files:
                 runs.add(real)
                 subfolders[:] = []  # a run's own subfolders (feature_cache/) hold no runs
             elif 'metrics.jsonl' in files or 'latest_checkpoint.pth' in files:
@@ -76,19 +76,19 @@ def find_run_folders(paths):
             subfolders.sort()
     if not runs:
         raise TableError(f'{" ".join(paths)}: no run folders here (folders with '
-                         f'{main.OPTIONS_FILE}, which main.py writes at the start of every run)')
+                         f'{run_folder.OPTIONS_FILE}, which main.py writes at the start of every run)')
     return sorted(runs), sorted(without_options)
 
 
 def read_options(run_dir):
-    path = os.path.join(run_dir, main.OPTIONS_FILE)
+    path = os.path.join(run_dir, run_folder.OPTIONS_FILE)
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError) as e:
-        raise LeftOut(f'{main.OPTIONS_FILE} unreadable ({e})') from None
+        raise LeftOut(f'{run_folder.OPTIONS_FILE} unreadable ({e})') from None
     if not isinstance(record, dict) or not isinstance(record.get('options'), dict):
-        raise LeftOut(f'{main.OPTIONS_FILE} is not a run\'s options (no "options")')
+        raise LeftOut(f'{run_folder.OPTIONS_FILE} is not a run\'s options (no "options")')
     return record['options']
 
 
@@ -131,7 +131,7 @@ def tested_lines(run_dir, notes):
 
 
 def tracked_metric(options):
-    return main.TRACKED_METRICS.get(options.get('dataset'), main.DEFAULT_TRACKED_METRIC)
+    return checkpoints.tracked_metric(options.get('dataset'))
 
 
 def pick_line(lines, options, pick, final_it):
@@ -328,7 +328,7 @@ def make_tables(paths, pick):
             runs.append(read_run(run_dir, pick, notes))
         except LeftOut as e:
             messages.append(f'left out {run_dir}: {e}')
-    messages += [f'left out {d}: no {main.OPTIONS_FILE} (a run from before it was written, or '
+    messages += [f'left out {d}: no {run_folder.OPTIONS_FILE} (a run from before it was written, or '
                  f'not a run folder)' for d in without_options]
     tables = build_tables(runs)
     return tables, len(messages), messages + notes + list(seed_notes(tables))

@@ -1,13 +1,15 @@
 """Pictures of retrieval results: per row, a query image with its text, then its top-k results with
 rank, score and caption; a result whose caption is the query's target caption is framed in green.
 
-retrieve.py writes one row as a PNG; main.py logs a few rows to tensorboard ('retrieval examples')
-at each retrieval test.
+retrieve.py writes one row as a PNG; log_retrieval_examples logs a few rows to tensorboard
+('retrieval examples') at each of main.py's retrieval tests.
 """
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+
+import test_retrieval
 
 TILE = 128  # each image is fitted into a TILE x TILE square
 PAD = 8
@@ -172,3 +174,21 @@ def result_row(dataset, query_img, query_text, scores, indices, target_caption=N
                         'correct': target_caption is not None and caption == target_caption})
     return {'query_img': query_img, 'query_text': query_text, 'query_note': query_note,
             'results': results}
+
+
+def log_retrieval_examples(logger, dataset, features, it, count=4, k=5):
+    """Tensorboard image 'retrieval examples': `count` fixed, evenly spaced test queries, one row
+    each (source image and text), then their top-k results, the correct ones framed in green.
+    It reuses the retrieval test's features and draws from no random generator."""
+    queries = dataset.get_test_queries()
+    ids = sorted({i * len(queries) // count for i in range(count)})
+    exclude = None if features['exclude'] is None else features['exclude'][ids]
+    scores, neighbours = test_retrieval.top_k_with_scores(features['query'][ids],
+                                                          features['gallery'], k, exclude)
+    rows = [result_row(
+        dataset, display_query_image(dataset, queries[i]['source_img_id']),
+        queries[i]['mod']['str'], scores[r].tolist(), neighbours[r].tolist(),
+        queries[i]['target_caption'], f'target: {queries[i]["target_caption"]}')
+        for r, i in enumerate(ids)]
+    picture = np.asarray(draw_rows(rows).convert('RGB'))
+    logger.add_image('retrieval examples', picture, it, dataformats='HWC')

@@ -17,6 +17,7 @@ import torch
 import datasets
 import experiment
 import main
+import sampling
 from benchmarks.common import endless_batches
 from benchmarks.fixtures import write_jpegs, write_triplet_tree
 
@@ -110,7 +111,7 @@ def load_train_split(args, dataset_name, root):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             trainset, _ = experiment.load_dataset(opt, 'train')
-            main.fit_batch_size(opt, trainset)  # a tree smaller than the batch: one batch an epoch
+            sampling.fit_batch_size(opt, trainset)  # a tree smaller than the batch: one batch an epoch
     except (experiment.UserError, datasets.DatasetError) as e:
         raise SystemExit(f'bench.py: --{flag}: {e}') from None
     return opt, trainset
@@ -129,8 +130,8 @@ def check_given_trees(args):
 def triplets_per_second(opt, trainset, batches):
     """Training examples (2 images each) per second through main.py's training loader; the
     first batches (worker start, file cache) are not timed."""
-    sampler = main.EpochBatchSampler(main.num_training_examples(trainset), opt.batch_size, opt.seed)
-    loader = main.make_train_loader(opt, trainset, sampler, torch.device('cpu'))
+    sampler = sampling.EpochBatchSampler(sampling.num_training_examples(trainset), opt.batch_size, opt.seed)
+    loader = sampling.make_train_loader(opt, trainset, sampler, torch.device('cpu'))
     warmup = 2 * opt.loader_num_workers + 1
     count, start = 0, None
     for b, batch in enumerate(endless_batches(loader, sampler)):
@@ -151,9 +152,9 @@ def measure_triplet_loader(args, dataset_name, root, generated):
         rates[workers] = triplets_per_second(opt, trainset, args.data_batches)
     r0, rn = rates[0], rates[args.workers]
     source = 'generated' if generated else root
-    line = (f'data {dataset_name} train loader ({main.num_training_examples(trainset)} triplets, '
+    line = (f'data {dataset_name} train loader ({sampling.num_training_examples(trainset)} triplets, '
             f'{len(trainset.imgs)} images, {source}), batch {opt.batch_size}: 0 workers '
             f'{r0:.1f} triplets/s, {args.workers} workers {rn:.1f} triplets/s, speed-up '
             f'{rn / r0:.2f}x')
-    return line, {'triplets': main.num_training_examples(trainset), 'images': len(trainset.imgs),
+    return line, {'triplets': sampling.num_training_examples(trainset), 'images': len(trainset.imgs),
                   'workers_0_triplets_per_s': r0, f'workers_{args.workers}_triplets_per_s': rn}

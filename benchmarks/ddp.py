@@ -16,6 +16,7 @@ import datasets
 import distributed
 import experiment
 import main
+import sampling
 from benchmarks.common import endless_batches, fmt_seconds
 from benchmarks.fixtures import write_css_tree
 
@@ -33,14 +34,14 @@ def worker(args):
     opt = main.parse_opt(['--dataset=css3d', f'--dataset_path={args.ddp_data}', '--model=tirg',
                           '--img_weights=none', '--loss=soft_triplet', '--loader_num_workers=0',
                           f'--batch_size={args.batch_size}', f'--seed={args.seed}', '--device=cpu'])
-    main.seed_process(opt, rank)
+    experiment.seed_process(opt, rank)
     trainset = datasets.CSSDataset(opt.dataset_path, split='train', transform=datasets.css_transform())
     with contextlib.redirect_stdout(io.StringIO()):
         model = experiment.create_model(opt, trainset.get_all_texts()).to(device)
     train_model = main.wrap_for_training(opt, model, device)
     optimizer = main.create_optimizer(opt, model)
-    sampler = main.EpochBatchSampler(len(trainset), opt.batch_size, opt.seed, rank, world)
-    loader = main.make_train_loader(opt, trainset, sampler, device, rank)
+    sampler = sampling.EpochBatchSampler(len(trainset), opt.batch_size, opt.seed, rank, world)
+    loader = sampling.make_train_loader(opt, trainset, sampler, device, rank)
     model.train()
     batches = endless_batches(loader, sampler)
     for _ in range(args.warmup):

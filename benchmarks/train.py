@@ -12,6 +12,7 @@ import torch
 import datasets
 import experiment
 import main
+import sampling
 from benchmarks.common import autocast, fmt_seconds, synchronize, timed
 from benchmarks.fixtures import write_css_tree
 
@@ -55,8 +56,8 @@ def measure(args, device, tmp):
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = main.create_optimizer(opt, model)
-    sampler = main.EpochBatchSampler(len(trainset), opt.batch_size, opt.seed)
-    loader = main.make_train_loader(opt, trainset, sampler, device)
+    sampler = sampling.EpochBatchSampler(len(trainset), opt.batch_size, opt.seed)
+    loader = sampling.make_train_loader(opt, trainset, sampler, device)
     bare = BareResNet18Step(opt.embed_dim, device, opt)
     model.train()
 

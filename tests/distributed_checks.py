@@ -96,12 +96,13 @@ def dropout_kept():
 
 
 def main():
-    import main as main_module  # main.py: its seeding and DDP wrapping, as training uses them
+    import experiment  # its seeding, as training uses it
+    import main as main_module  # main.py: its DDP wrapping, as training uses it
     device = distributed.device_for_process(torch.device('cpu'))
     rank, world = distributed.rank(), distributed.world_size()
     results = {'world_size': world}
 
-    main_module.seed_process(argparse.Namespace(seed=5), rank)
+    experiment.seed_process(argparse.Namespace(seed=5), rank)
     results['dropout_kept'] = dropout_kept()
 
     model, query_imgs, texts, target_imgs = tiny_model_and_batch()

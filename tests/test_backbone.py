@@ -11,9 +11,10 @@ import torchvision
 
 from conftest import run_main, write_css_fixture
 
+import experiment
 import img_text_composition_models as itcm
-import model_registry
 import main
+import model_registry
 import retrieve
 
 LAYOUT_CANDIDATES = [
@@ -272,7 +273,7 @@ def resnet18_file(tmp_path_factory):
 
 def test_a_resnet50_state_dict_is_accepted_and_loaded(resnet50_file):
     saved = torch.load(resnet50_file, weights_only=True)
-    main.check_img_weights(main.parse_opt(['--img_backbone=resnet50', f'--img_weights={resnet50_file}']))
+    experiment.check_img_weights(main.parse_opt(['--img_backbone=resnet50', f'--img_weights={resnet50_file}']))
     model = itcm.TIRG(TEXTS, E, pretrained=resnet50_file, backbone='resnet50')
     assert torch.equal(model.img_model.layer4[2].conv3.weight, saved['layer4.2.conv3.weight'])
     assert torch.equal(model.img_model.bn1.running_var, saved['bn1.running_var'])

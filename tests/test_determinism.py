@@ -13,7 +13,7 @@ from conftest import REPO, run_main
 
 import checkpoints
 import datasets
-import main
+import sampling
 
 FLAGS = ['--dataset=css3d', '--batch_size=8', '--embed_dim=16', '--img_weights=none', '--seed=3',
          '--comment=_det']
@@ -23,7 +23,7 @@ def sampler_batches(world_size, batch_size=8, size=37, epoch=2, start_batch=0):
     """Every process's batches, joined in rank order per iteration."""
     joined = None
     for rank in range(world_size):
-        sampler = main.EpochBatchSampler(size, batch_size, seed=5, rank=rank, world_size=world_size)
+        sampler = sampling.EpochBatchSampler(size, batch_size, seed=5, rank=rank, world_size=world_size)
         sampler.set_epoch(epoch, start_batch)
         batches = list(sampler)
         joined = batches if joined is None else [a + b for a, b in zip(joined, batches)]
@@ -60,7 +60,7 @@ def read_records(path, ranks=1):
 
 def recorded_run(tmp_path, monkeypatch, name, flags):
     path = str(tmp_path / name)
-    monkeypatch.setenv(main.RECORD_BATCHES_ENV, path)
+    monkeypatch.setenv(sampling.RECORD_BATCHES_ENV, path)
     result = run_main(FLAGS + flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return path
@@ -90,7 +90,7 @@ def test_every_iteration_has_the_same_examples_for_any_processes_workers_and_res
     assert read_records(resumed_path) == single
 
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    env[main.RECORD_BATCHES_ENV] = str(tmp_path / 'torchrun')
+    env[sampling.RECORD_BATCHES_ENV] = str(tmp_path / 'torchrun')
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                              '--nproc_per_node=2', os.path.join(REPO, 'main.py')] + FLAGS + flags
                             + ['--loader_num_workers=0'], cwd=tmp_path, capture_output=True,
@@ -102,7 +102,7 @@ def test_every_iteration_has_the_same_examples_for_any_processes_workers_and_res
 # --- Each dataset's draw is a function of (seed, epoch, position) ----------------------------
 
 def epoch_keys(size, seed, epoch, batch_size=4):
-    sampler = main.EpochBatchSampler(size, batch_size, seed)
+    sampler = sampling.EpochBatchSampler(size, batch_size, seed)
     sampler.set_epoch(epoch)
     return [key for batch in sampler for key in batch]
 
@@ -184,7 +184,7 @@ def test_fashioniq_caption_order_is_keyed_by_position(tmp_path):
 
 def torchrun_main(args, cwd, record):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    env[main.RECORD_BATCHES_ENV] = record
+    env[sampling.RECORD_BATCHES_ENV] = record
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                            '--nproc_per_node=2', os.path.join(REPO, 'main.py')] + list(args),
                           cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
@@ -202,7 +202,7 @@ def test_a_fitted_batch_is_the_same_with_two_processes_and_resumes_from_the_user
     straight = read_records(recorded_run(tmp_path, monkeypatch, 'straight', command + ['--num_iters=4']))
     assert all(len(batch['source']) == 9 for batch in straight.values())
 
-    monkeypatch.setenv(main.RECORD_BATCHES_ENV, str(tmp_path / 'first'))
+    monkeypatch.setenv(sampling.RECORD_BATCHES_ENV, str(tmp_path / 'first'))
     result = run_main(FLAGS + command + ['--num_iters=2', '--comment=_fit'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'using --batch_size=9' in result.stdout

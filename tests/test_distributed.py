@@ -67,7 +67,7 @@ def test_parameter_gradients_under_ddp_equal_the_single_process_ones(per_process
 
 
 def test_a_batch_that_does_not_divide_by_the_processes_gives_the_single_process_gradient(per_process):
-    """A batch fitted to a small training set: 5 rows as 2 + 3 (main.fit_batch_size)."""
+    """A batch fitted to a small training set: 5 rows as 2 + 3 (sampling.fit_batch_size)."""
     model, query_imgs, texts, target_imgs = checks.tiny_model_and_batch()
     rows = slice(0, checks.UNEVEN_BATCH)
     torch.manual_seed(checks.TRIPLET_SEED)
@@ -83,15 +83,15 @@ def test_a_batch_that_does_not_divide_by_the_processes_gives_the_single_process_
 
 
 def test_dropout_masks_differ_between_processes(per_process):
-    """SPEC 9 (main.seed_process): each slice of the batch is a different sample, so each
+    """SPEC 9 (experiment.seed_process): each slice of the batch is a different sample, so each
     process's dropout masks are its own (torch seeded with seed + rank); the first process's are
     those of one process."""
     import argparse
-    import main
+    import experiment
     first, second = (r['dropout_kept'] for r in per_process)
     assert 400 < int(first.sum()) < 600 and 400 < int(second.sum()) < 600
     assert (first != second).sum() > 300  # independent masks disagree on about half the units
-    main.seed_process(argparse.Namespace(seed=5), 0)
+    experiment.seed_process(argparse.Namespace(seed=5), 0)
     assert torch.equal(first, checks.dropout_kept())
 
 

@@ -17,9 +17,11 @@ from conftest import REPO, TINY, read_scalars, run_main, write_css_fixture
 
 import checkpoints
 import datasets
+import experiment
 import img_text_composition_models
-import model_registry
 import main
+import model_registry
+import text_model
 
 
 def run_folders(cwd, comment):
@@ -172,7 +174,7 @@ def test_test_only_uses_the_checkpoint_vocabulary_after_texts_change(tmp_path, m
     for mod in data['train']['mods']:
         mod['to_str'] += ' quickly and brightly'
     np.save(os.path.join(root, datasets.CSS_DATA_FILE), np.array(data, dtype=object), allow_pickle=True)
-    assert len(main.text_model.SimpleVocab.from_texts(
+    assert len(text_model.SimpleVocab.from_texts(
         datasets.CSSDataset(root, 'train').get_all_texts())) != len(vocab_before) + 1
     assert main.main(['--test_only', f'--checkpoint={ckpt_path}', f'--dataset_path={root}',
                       '--loader_num_workers=0', '--comment=_v2']) == 0
@@ -344,9 +346,9 @@ def test_default_dataset_path_is_generated_when_empty(tmp_path, monkeypatch):
     monkeypatch.setattr(make_css_dataset, 'generate_css_dataset',
                         lambda path, **kw: calls.append(path) or write_css_fixture(path))
     opt = main.parse_opt([])
-    main.ensure_default_dataset(opt)
+    experiment.ensure_default_dataset(opt)
     assert calls == [os.path.abspath(main.DEFAULT_DATASET_PATH)]
-    main.ensure_default_dataset(opt)
+    experiment.ensure_default_dataset(opt)
     assert len(calls) == 1  # already there: not regenerated
 
 

@@ -117,9 +117,9 @@ def test_a_killed_holder_leaves_no_stale_lock_and_forked_children_do_not_keep_it
 KILLED_AT = {
     # SIGKILL right after the metrics line of the first evaluation (it 9), before its save.
     'after a metrics line': (
-        'real = main.append_metrics_line\n'
+        'real = run_folder.append_metrics_line\n'
         'def hook(*args):\n    real(*args)\n    os.kill(os.getpid(), signal.SIGKILL)\n'
-        'main.append_metrics_line = hook\n'),
+        'run_folder.append_metrics_line = hook\n'),
     # SIGKILL between the two saves that end a run: the checkpoint at the last iteration is not
     # marked finished, so the resumed run redoes the final evaluation.
     'before the finished save': (
@@ -136,7 +136,7 @@ KILLED_AT = {
 def test_a_resume_after_kill_9_writes_each_evaluation_once(css_root, tmp_path, moment, num_iters,
                                                            logged, saved_it, final):
     args = TINY + [f'--dataset_path={css_root}', '--seed=3', '--comment=_k9', f'--num_iters={num_iters}']
-    script = ('import os, signal, sys\nsys.path.insert(0, sys.argv[1])\nimport main\n' +
+    script = ('import os, signal, sys\nsys.path.insert(0, sys.argv[1])\nimport main\nimport run_folder\n' +
               KILLED_AT[moment] + 'sys.exit(main.main(sys.argv[2:]))')
     killed = subprocess.run([sys.executable, '-c', script, REPO] + args, cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=300)
@@ -154,13 +154,13 @@ def test_a_resume_after_kill_9_writes_each_evaluation_once(css_root, tmp_path, m
 
 
 def test_only_the_lines_after_the_checkpoint_are_dropped(tmp_path):
-    import main
+    import run_folder
     lines = ['{"it": 9, "epoch": 1}\n', 'a line someone added\n', '{"it": 18, "epoch": 2}\n',
              '{"it": 27, "epoch": 3}\n', '{"it": 30, "ep']  # the last write was torn by a kill
     (tmp_path / 'metrics.jsonl').write_text(''.join(lines))
-    main.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=False)
+    run_folder.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=False)
     assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:3])
-    main.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=True)
+    run_folder.drop_metrics_after_checkpoint(str(tmp_path), {'it': 18}, evaluates_first=True)
     assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
 
 

@@ -21,8 +21,11 @@ from conftest import REPO, TINY, read_scalars, run_main, write_css_fixture
 
 import checkpoints
 import datasets
+import experiment
 import img_text_composition_models
 import main
+import run_folder
+import sampling
 import text_model
 
 
@@ -97,9 +100,9 @@ def test_run_folders_are_unique_when_the_name_is_taken(tmp_path, monkeypatch):
         @classmethod
         def now(cls, tz=None):
             return cls(2026, 11, 28, 12, 0, 0)
-    monkeypatch.setattr(main.datetime, 'datetime', FixedTime)
-    first = main.create_run_folder('_same')
-    second = main.create_run_folder('_same')
+    monkeypatch.setattr(run_folder.datetime, 'datetime', FixedTime)
+    first = run_folder.create_run_folder('_same')
+    second = run_folder.create_run_folder('_same')
     assert first != second
     assert os.path.basename(first) == f'Nov28_12-00-00_{socket.gethostname()}_same'
     assert os.path.basename(second) == f'Nov28_12-00-00_{socket.gethostname()}.2_same'
@@ -297,12 +300,12 @@ def test_checkpoint_without_vocabulary_uses_first_seen_order_and_says_how_to_try
     released(path, first_seen, css_root)
     monkeypatch.chdir(tmp_path)
     built = []
-    real_create = main.create_model
+    real_create = experiment.create_model
 
     def spy(opt, texts, vocab=None):
         built.append(vocab.words())
         return real_create(opt, texts, vocab)
-    monkeypatch.setattr(main, 'create_model', spy)
+    monkeypatch.setattr(experiment, 'create_model', spy)
     common = ['--test_only', f'--checkpoint={path}', f'--dataset_path={css_root}', '--loader_num_workers=0']
     assert main.main(common + ['--comment=_fs']) == 0
     assert main.main(common + ['--vocab_order=sorted', '--comment=_so']) == 0
@@ -444,8 +447,8 @@ def test_the_fitted_batch_is_the_whole_set_for_any_number_of_processes(monkeypat
     trainset = argparse.Namespace(num_training_examples=lambda: count)
     if expected is None:
         with pytest.raises(main.UserError, match=f'the training split has only {count} examples'):
-            main.fit_batch_size(opt, trainset)
+            sampling.fit_batch_size(opt, trainset)
         return
-    main.fit_batch_size(opt, trainset)
+    sampling.fit_batch_size(opt, trainset)
     assert opt.batch_size == expected
     assert getattr(opt, 'requested_batch_size', 32) == 32

@@ -9,6 +9,7 @@ import torch
 from conftest import REPO, TINY, run_main
 
 import main
+import run_folder
 
 
 def run_dirs(cwd):
@@ -45,9 +46,9 @@ def test_options_json_is_written_at_the_start_and_resume_in_place_keeps_it(css_r
 
 
 def test_project_version_outside_git_or_without_git(tmp_path, monkeypatch):
-    assert main.project_version(str(tmp_path)) == (None, None)
+    assert run_folder.project_version(str(tmp_path)) == (None, None)
     monkeypatch.setenv('PATH', str(tmp_path))  # no git program at all
-    assert main.project_version(REPO) == (None, None)
+    assert run_folder.project_version(REPO) == (None, None)
 
 
 def test_a_failed_options_write_leaves_no_file(tmp_path, monkeypatch):
@@ -57,7 +58,7 @@ def test_a_failed_options_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(main.checkpoints.os, 'replace', fail)  # the write done, its rename fails
     with pytest.raises(OSError, match='options.json: cannot write \\(No space left on device\\)'):
-        main.write_options_file(str(tmp_path), opt, torch.device('cpu'))
+        run_folder.write_options_file(str(tmp_path), opt, torch.device('cpu'))
     assert os.listdir(tmp_path) == []
 
 
