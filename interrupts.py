@@ -53,10 +53,12 @@ class InterruptFlag:
             self.first_time = now
             self.received.append(signum)
             name = 'Interrupted' if signum == signal.SIGINT else 'Terminated (SIGTERM)'
+            if self.immediate:
+                print(f'\n{name}: stopping the retrieval test and saving now; the resumed run '
+                      f'redoes the test (Ctrl-C again to abort)', file=sys.stderr, flush=True)
+                raise KeyboardInterrupt
             print(f'\n{name}: finishing this iteration, then saving (Ctrl-C again to abort)',
                   file=sys.stderr, flush=True)
-            if self.immediate:
-                raise KeyboardInterrupt
         elif now - self.first_time > self.REPEAT_WINDOW:
             self.aborted = True
             raise KeyboardInterrupt

@@ -394,6 +394,37 @@ def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp
     assert checkpoints.load(path)['it'] == it + 4
 
 
+def test_sigterm_during_a_retrieval_test_says_it_stops_and_the_resumed_run_redoes_it(
+        css_root, tmp_path, monkeypatch, capsys):
+    """Issue 23 item 19: it said "finishing this iteration", but the test stops at once, the
+    checkpoint is saved without it, and resuming redoes it.  (The final test is item 1's.)"""
+    monkeypatch.chdir(tmp_path)
+    real_evaluate = main.evaluate
+    calls = []
+
+    def terminated_during_the_first(*args, **kwargs):
+        calls.append(args[4])  # the iteration
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler ends this at once
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(main, 'evaluate', terminated_during_the_first)
+    command = TINY + [f'--dataset_path={css_root}', '--num_iters=12', '--comment=_evalterm']
+    assert main.main(command) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert ('Terminated (SIGTERM): stopping the retrieval test and saving now; the resumed run '
+            'redoes the test') in err
+    assert 'finishing this iteration' not in err and 'Traceback' not in err
+    (run_dir,) = run_folders(tmp_path, '_evalterm')
+    path = os.path.join(run_dir, 'latest_checkpoint.pth')
+    assert checkpoints.load(path)['it'] == 9  # the test at the start of epoch 1 (9 batches)
+    assert main.main(command + [f'--resume={path}']) == 0
+    assert calls == [9, 9, 12]  # the interrupted test redone, then the final one
+    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        tested = [record['it'] for record in map(json.loads, f) if any(k.startswith('test ') for k in record)]
+    assert tested == [9, 12]
+
+
 def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_root, tmp_path):
     """Issue 12.8: torch raises RuntimeError (not OSError) when a checkpoint write fails.  A real
     write error from the kernel: files past 1 MB fail as on a full disk (a checkpoint is ~45 MB)."""
