@@ -1,10 +1,10 @@
 """data: images per second of the Fashion200k image pipeline (datasets.open_photo, then
 datasets.photo_transform: Resize(224), CenterCrop(224), ToTensor, Normalize) on generated JPEGs,
 with 0 and N DataLoader workers, fast decode off and on; then training triplets per second of
-the FashionIQ, CIRR and Shoes loaders (main.py's training loader over fashioniq.FashionIQ /
-cirr.CIRR / shoes.Shoes train, batch --batch_size), 0 against N workers, on generated trees in
-their layouts (FashionIQ and Shoes JPEGs, CIRR PNGs) or on real ones given with --fiq_path /
---cirr_path / --shoes_path."""
+the FashionIQ, CIRR and Shoes loaders (training's sampling.make_train_loader over
+fashioniq.FashionIQ / cirr.CIRR / shoes.Shoes train, batch --batch_size), 0 against N workers, on
+generated trees in their layouts (FashionIQ and Shoes JPEGs, CIRR PNGs) or on real ones given with
+--fiq_path / --cirr_path / --shoes_path."""
 import contextlib
 import io
 import math
@@ -128,7 +128,7 @@ def check_given_trees(args):
 
 
 def triplets_per_second(opt, trainset, batches):
-    """Training examples (2 images each) per second through main.py's training loader; the
+    """Training examples (2 images each) per second through training's loader; the
     first batches (worker start, file cache) are not timed."""
     sampler = sampling.EpochBatchSampler(sampling.num_training_examples(trainset), opt.batch_size, opt.seed)
     loader = sampling.make_train_loader(opt, trainset, sampler, torch.device('cpu'))
