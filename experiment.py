@@ -212,13 +212,11 @@ def create_model(opt, texts, vocab=None):
     return model
 
 
-def build_model(opt, init_ckpt, init_path, trainset, testset, device):
+def build_model(opt, init_ckpt, init_path, trainset, device):
     vocab = None
-    if init_ckpt is not None:
-        adopt_checkpoint_architecture(opt, init_ckpt)
+    if init_ckpt is not None:  # its --model, --embed_dim and --img_backbone already adopted
         opt.checkpoint_it = int(init_ckpt.get('it', 0))
         opt.img_weights = 'none'  # every weight comes from the checkpoint
-    check_model_fits_data(opt, testset)
     with contextlib.redirect_stdout(sys.stdout if distributed.is_main_process() else None):
         vocab = build_vocabulary(opt, init_ckpt, init_path, trainset)
         model = create_model(opt, trainset.get_all_texts(), vocab)
@@ -245,11 +243,11 @@ def check_img_weights(opt):
         raise UserError(str(e)) from None  # the message already names --img_weights=PATH
 
 
-def check_model_fits_data(opt, testset):
-    """Once --model is known (a checkpoint's own) and the data is read: before the model is
-    built (ImageNet weights loaded) and before any run folder."""
+def check_model_fits_dataset(opt):
+    """Once --model and --dataset are known (a checkpoint's own): before the data is read and
+    before any run folder."""
     try:
-        paper_composers.check_dataset(opt.model, opt.dataset, testset)
+        paper_composers.check_dataset(opt.model, opt.dataset)
     except ValueError as e:
         raise UserError(str(e)) from None
 

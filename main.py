@@ -29,9 +29,10 @@ import run_lock
 import sampling
 import test_retrieval
 from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_flags,
-                        adopt_checkpoint_dataset, adopt_checkpoint_query_images, build_model,
-                        check_css_query_images, check_img_weights, load_data, seed_process,
-                        select_device)
+                        adopt_checkpoint_architecture, adopt_checkpoint_dataset,
+                        adopt_checkpoint_query_images, build_model, check_architecture_flags,
+                        check_css_query_images, check_img_weights, check_model_fits_dataset,
+                        load_data, seed_process, select_device)
 from interrupts import InterruptFlag
 
 # EpochBatchSampler seeds each epoch with seed * sampling.SEED_STRIDE + epoch, which must fit
@@ -186,6 +187,10 @@ def prepare_options(opt):
         init_ckpt, init_path = load_checkpoint(opt.checkpoint), opt.checkpoint
         adopt_checkpoint_dataset(opt, init_ckpt, init_path)
         adopt_checkpoint_query_images(opt, init_ckpt)
+    if init_ckpt is not None:
+        check_architecture_flags(opt, init_ckpt, init_path)
+        adopt_checkpoint_architecture(opt, init_ckpt)
+    check_model_fits_dataset(opt)
     # After the checkpoint's dataset is adopted: a CIRR checkpoint needs no --dataset=cirr.
     if opt.test_split == 'test1' and (opt.dataset != 'cirr' or not opt.test_only):
         raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
@@ -483,7 +488,7 @@ def run(opt):
     seed_process(opt, distributed.rank())
     sampling.cap_loader_workers(opt)
     trainset, testset = load_data(opt)
-    model = build_model(opt, init_ckpt, init_path, trainset, testset, device)
+    model = build_model(opt, init_ckpt, init_path, trainset, device)
     if not opt.test_only:
         sampling.fit_batch_size(opt, trainset)
     logger, run_dir = run_folder.open_run(opt)

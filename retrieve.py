@@ -196,6 +196,7 @@ def load_model_and_gallery(opt):
             if getattr(opt, name) is None:
                 setattr(opt, name, main.get_args_parser().get_default(name))
         experiment.adopt_checkpoint_architecture(opt, ckpt)
+        experiment.check_model_fits_dataset(opt)
         device = experiment.select_device(opt.device)
         opt.fast_decode = False  # exact pixels
         trainset, testset = experiment.load_dataset(opt, 'test1' if opt.split == 'test1' else 'test')

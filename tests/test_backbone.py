@@ -205,9 +205,9 @@ def test_a_resnet50_checkpoint_with_resnet18_given_names_both(resnet50_run):
     before = os.listdir(os.path.join(r['cwd'], 'runs'))
     result = run_main(['--test_only', f'--checkpoint={r["ckpt"]}', '--img_backbone=resnet18',
                        '--loader_num_workers=0'], cwd=r['cwd'])
-    one_line_error(result, f'{r["ckpt"]}: its image encoder weights are ResNet-50 '
-                           f'(--img_backbone=resnet50), but the model is built with '
-                           f'--img_backbone=resnet18 (given here)')
+    one_line_error(result, f'--img_backbone=resnet18: {r["ckpt"]} records '
+                           f'--img_backbone=resnet50; leave --img_backbone out to use the '
+                           f'checkpoint\'s')
     assert os.listdir(os.path.join(r['cwd'], 'runs')) == before
 
 

@@ -167,3 +167,25 @@ def test_retrieve_takes_flags_that_agree_or_that_the_checkpoint_does_not_record(
     out, err = capsys.readouterr()
     assert code == 0, err
     assert [m.rank for m in ranked_lines(out)] == [1, 2]
+
+
+@pytest.mark.parametrize('flag, name, given, recorded', CONTRADICTIONS)
+@pytest.mark.parametrize('how', ['test_only', 'train_from'])
+def test_main_refuses_a_flag_that_contradicts_the_checkpoint_before_any_run_folder(
+        tmp_path, css, flag, name, given, recorded, how):
+    path = imgonly_file(tmp_path, css, img_backbone='resnet18')
+    flags = ['--test_only'] if how == 'test_only' else ['--num_iters=2', '--batch_size=4']
+    result = run_main(flags + [f'--checkpoint={path}', flag, '--loader_num_workers=0'],
+                      cwd=tmp_path)
+    one_line(result, f'--{name}={given}: {path} records --{name}={recorded}; leave --{name} out '
+                     f'to use the checkpoint\'s')
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_main_takes_flags_that_agree_or_that_the_checkpoint_does_not_record(tmp_path, css):
+    path = imgonly_file(tmp_path, css)  # records no backbone, as the released checkpoints
+    result = run_main(['--test_only', f'--checkpoint={path}', '--model=imgonly', f'--embed_dim={E}',
+                       '--img_backbone=resnet18', '--loader_num_workers=0', '--comment=_told'],
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'test recall_top1_correct_composition' in result.stdout

@@ -158,7 +158,17 @@ def test_checkpoint_of_another_model_names_the_difference(css_root, tmp_path):
     result = run_main(['--test_only', f'--checkpoint={path}', f'--dataset_path={css_root}',
                        '--model=tirg', '--loader_num_workers=0'], cwd=tmp_path)
     assert result.returncode == 1
-    assert 'missing' in result.stderr and '--model=concat' in result.stderr
+    assert result.stderr == (f'main.py: error: --model=tirg: {path} records --model=concat; '
+                             f'leave --model out to use the checkpoint\'s\n')
+    # A checkpoint that records no model may be told one: its weights must then fit it.
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt['opt'].model
+    torch.save(ckpt, path)
+    result = run_main(['--test_only', f'--checkpoint={path}', f'--dataset_path={css_root}',
+                       '--model=tirg', '--loader_num_workers=0'], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f'main.py: error: {path}: does not fit --model=tirg: ')
+    assert 'missing' in result.stderr
 
 
 def test_test_only_uses_the_checkpoint_vocabulary_after_texts_change(tmp_path, monkeypatch):

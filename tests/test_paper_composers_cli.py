@@ -95,17 +95,39 @@ def test_trains_resumes_with_the_original_command_and_test_only_repeats_the_fina
 
 
 @pytest.mark.parametrize('dataset', ['css3d', 'fashioniq'])
-def test_attribute_operator_on_sentences_is_one_line_and_no_run_folder(dataset, tmp_path):
+def test_attribute_operator_on_another_dataset_is_one_line_and_no_run_folder(dataset, tmp_path):
+    """Refused by the dataset's name (issue 23 item 18), not by its texts: FashionIQ-style
+    single-word captions would pass a look at the texts."""
     root = write_dataset(dataset, str(tmp_path / dataset))
     result = run_main(SMALL + [f'--dataset={dataset}', f'--dataset_path={root}',
                                '--model=attribute_operator', '--num_iters=2'], cwd=tmp_path)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith('main.py: error: --model=attribute_operator: composes single '
-                               f'attribute words (--dataset=mitstates); the {dataset} '
-                               f'modification texts are not (such as ')
+    assert result.stderr.strip().splitlines() == [
+        "main.py: error: --model=attribute_operator: composes single attribute words, "
+        f"MIT-States' adjectives (--dataset=mitstates); not for --dataset={dataset}"]
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_attribute_operator_trains_on_mit_states_with_a_non_ascii_adjective(tmp_path):
+    """Issue 23 item 18: 'ç' tokenises to no word (non-ASCII letters are dropped): it has no
+    operator, its queries are their image's feature; the run is neither refused nor broken."""
+    from test_mitstates import FOLDERS
+    root = write_mitstates_fixture(str(tmp_path / 'mitstates'),
+                                   dict(FOLDERS, **{'ç fig': 2, 'ç apple': 2, 'très tea': 2,
+                                                     'très apple': 2}))
+    assert {'ç', 'très'} <= {q['mod']['str'] for q in
+                             datasets.MITStates(root, 'test').get_test_queries()}
+    result = run_main(SMALL + ['--dataset=mitstates', f'--dataset_path={root}',
+                               '--model=attribute_operator', '--num_iters=4', '--comment=_nonascii'],
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = checkpoints.load(os.path.join(only_run_folder(tmp_path, '_nonascii'),
+                                         'latest_checkpoint.pth'))
+    vocab = ckpt['vocab']
+    assert 'trs' in vocab and 'ç' not in vocab
+    index = ckpt['model_state_dict']['operator_index']
+    assert index[1 + vocab.index('trs')] >= 0  # 'très' has its operator, as 'trs'
+    assert index[1 + vocab.index('apple')] == -1  # 'ç apple' gives its noun none
 
 
 def test_an_attribute_operator_checkpoint_in_retrieve_py_and_on_sentences(tmp_path, capsys):
