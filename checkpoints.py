@@ -7,6 +7,7 @@ import pickle
 import random
 import re
 import secrets
+import stat
 import warnings
 
 import numpy as np
@@ -103,6 +104,7 @@ def _write_atomic(path, mode, write):
 
 def load(path):
     """Tensors, containers and the argparse Namespace only: never an unrestricted pickle."""
+    check_regular_file(path)
     try:
         # warnings: torch's about plain pickles would come before the one-line error.
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
@@ -129,6 +131,19 @@ def load(path):
     if not isinstance(vocab, (list, tuple)) or not all(isinstance(w, str) for w in vocab):
         raise CheckpointError(f'{path}: "vocab" is not a list of words (a {type(vocab).__name__})')
     return ckpt
+
+
+def check_regular_file(path):
+    """A FIFO named as a checkpoint would make torch.load wait for a writer for ever; a folder or
+    a device is no checkpoint either."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # torch.load names what is wrong
+    if not stat.S_ISREG(mode):
+        kind = ('a folder' if stat.S_ISDIR(mode) else 'a FIFO' if stat.S_ISFIFO(mode)
+                else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'not a file')
+        raise CheckpointError(f'{path}: not a checkpoint file ({kind})')
 
 
 def is_count(value, least=0):
