@@ -8,6 +8,7 @@ no stale lock is ever left to clean up.  The file names the holder (host and pid
 import fcntl
 import os
 import socket
+import stat
 import time
 
 LOCK_FILE = 'run.lock'
@@ -46,15 +47,44 @@ def acquire(folder):
     _held[folder] = fd
 
 
-def _read_holder(fd, attempts=20):
-    """The holder's name; a holder that has just taken a new lock writes it a moment later."""
+def _read_holder(fd):
+    named = _holder_name(fd)
+    return 'another process' if named is None else f'process {named[1]} on {named[0]}'
+
+
+def _holder_name(fd, attempts=20):
+    """(host, pid) the holder wrote, or None; a holder that has just taken a new lock writes it a
+    moment later."""
     for _ in range(attempts):
         try:
             host, pid = os.pread(fd, 4096, 0).decode().split()
-            return f'process {int(pid)} on {host}'
+            return host, int(pid)
         except (OSError, ValueError, UnicodeDecodeError):
             time.sleep(0.05)
-    return 'another process'
+    return None
+
+
+def holder(folder):
+    """(host, pid) of the live process that holds `folder`'s lock ((None, None) when it wrote no
+    name), or None when no process does.  Nothing is created or written: the folder may be
+    another user's.  The probe takes a shared lock for an instant, so a run starting in that
+    very instant is refused as if the folder were in use (it says so; started again, it runs)."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None  # never locked (a run from before the lock), or not readable by this user
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # no run made it: no process can hold it as a lock
+        if os.path.abspath(folder) in _held:
+            return socket.gethostname(), os.getpid()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_name(fd) or (None, None)
+        return None
+    finally:
+        os.close(fd)  # the shared lock goes with it
 
 
 def release(folder):
