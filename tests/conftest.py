@@ -138,7 +138,12 @@ TINY = ['--dataset=css3d', '--batch_size=4', '--embed_dim=16', '--loader_num_wor
 
 def pytest_configure(config):
     """The test machines share a few cores; torch's default of one OpenMP thread per core spins
-    against the other processes and makes small CPU forward passes ~10x slower.  One thread."""
+    against the other processes and makes small CPU forward passes ~10x slower.  One thread.
+    Dataset identities (data_identity.py) are cached in a folder of the test session's own, not
+    in the user's cache."""
+    if 'TIRG_CACHE_DIR' not in os.environ:
+        import tempfile
+        os.environ['TIRG_CACHE_DIR'] = tempfile.mkdtemp(prefix='tirg-test-cache-')
     try:
         import torch
     except ImportError:
