@@ -2,8 +2,9 @@
 
 The reference's five (img_text_composition_models.py, their layout frozen so that its released
 checkpoints load strictly), then the paper's other methods and TIRG's two ablations
-(paper_composers.py).  The order is the one `--help`, retrieve.py and results_table.py's rows
-show.  Both model modules stay free of the registry: it imports them, never the other way round.
+(paper_composers.py).  The order is the one `--help` and retrieve.py show (results_table.py's
+rows follow the paper's tables instead: results_table.PAPER_ORDER).  Both model modules stay
+free of the registry: it imports them, never the other way round.
 """
 import img_text_composition_models as itcm
 import paper_composers

@@ -100,12 +100,18 @@ def metrics_line(it, recalls, prefix='test', epoch=0, names=NAMES):
     return line
 
 
-def synthetic_run(parent, name, real_run, lines, finished=True, **options):
+def synthetic_run(parent, name, real_run, lines, finished=True, record_fields=None, **options):
+    """`record_fields`: options.json's own fields beyond "options" ("data", ...; None removes)."""
     run_dir = os.path.join(parent, name)
     os.makedirs(run_dir)
     record = json.load(open(os.path.join(real_run, 'options.json')))
     record['options'].update(options)
     record['seed'] = record['options']['seed']
+    for field, value in (record_fields or {}).items():
+        if value is None:
+            record.pop(field, None)
+        else:
+            record[field] = value
     with open(os.path.join(run_dir, 'options.json'), 'w') as f:
         json.dump(record, f, indent=1)
     with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
@@ -280,3 +286,382 @@ def test_2d_to_3d_runs_get_their_own_table_and_a_repeated_seed_is_noted(real_run
     assert markdown_row(out, 'tirg', table=1)[0] == '60.0 (1 run)'
     (note,) = [line for line in err.splitlines() if line.startswith('note: ')]
     assert os.path.join(parent, 'c') in note and os.path.join(parent, 'b') in note
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23 items 2-8: what a table may pool, and what it reads.
+
+import math
+import socket
+import sys
+
+import data_identity
+from conftest import write_css_fixture
+
+
+def tables_by_data(out):
+    """{data line: the table's text} of a markdown output."""
+    found = {}
+    for part in out.split('### ')[1:]:
+        (data,) = [line for line in part.splitlines() if line.startswith('data: ')]
+        found[data] = part
+    return found
+
+
+def row_of(part, method):
+    (row,) = [line for line in part.splitlines() if line.startswith(f'| {method} |')]
+    return [c.strip() for c in row.strip('|').split('|')][1:]
+
+
+def test_a_run_whose_folder_is_locked_by_a_live_process_is_training_and_left_out(runs, capsys):
+    held = os.path.join(runs, 'tirg_1')
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys; sys.path.insert(0, sys.argv[1]); import run_lock; '
+         'run_lock.acquire(sys.argv[2]); print("locked", flush=True); sys.stdin.read()', REPO, held],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        code, out, err = table_cli([runs], capsys)
+        assert code == 0, err
+        (line,) = [line for line in err.splitlines() if os.sep + 'tirg_1:' in line]
+        assert line == f'left out {held}: training: held by {socket.gethostname()}, pid {holder.pid}'
+        # Seeds 2 and 3 only: 72 and 77.
+        assert markdown_row(out, 'tirg')[0] == '74.5 ± 3.5 (2 runs)'
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    code, out, err = table_cli([runs], capsys)
+    assert markdown_row(out, 'tirg')[0] == '73.0 ± 3.6 (3 runs)' and 'training:' not in err
+    assert not os.path.exists(os.path.join(runs, 'imgonly_1', 'run.lock'))  # the probe writes nothing
+
+
+def test_the_same_data_at_two_paths_pools_and_other_data_never_does(real_run, tmp_path, capsys):
+    """A real-CSS-like run at 70 % and one on other data at 10 % are never one row '40.0 ± 42.4'."""
+    root = str(tmp_path / 'css')
+    write_css_fixture(root)
+    moved = str(tmp_path / 'moved' / 'css')
+    shutil.copytree(root, moved)
+    modified = str(tmp_path / 'css_modified')
+    shutil.copytree(root, modified)
+    npy = os.path.join(modified, 'css_toy_dataset_novel2_small.dup.npy')
+    data = bytearray(open(npy, 'rb').read())
+    data[-3] ^= 1
+    open(npy, 'wb').write(bytes(data))
+    parent = str(tmp_path / 'runs')
+    for name, path, seed, r1, recorded in [('a', root, 1, 0.7, True), ('b', moved, 2, 0.8, True),
+                                           ('c', modified, 3, 0.1, True),
+                                           ('old_1', '/old/css', 4, 0.3, False),
+                                           ('old_2', '/other/css', 5, 0.5, False)]:
+        synthetic_run(parent, name, real_run, [metrics_line(4, five(r1))], model='tirg', seed=seed,
+                      dataset_path=path,
+                      record_fields={'data': data_identity.identify('css3d', path) if recorded else None})
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    same = data_identity.short(data_identity.identify('css3d', root)['digest'])
+    other = data_identity.short(data_identity.identify('css3d', modified)['digest'])
+    assert same != other
+    tables = tables_by_data(out)
+    assert sorted(tables) == sorted([
+        f'data: {same} ({root}, {moved})', f'data: {other} ({modified})',
+        'data: not recorded (runs from before options.json named their data, pooled whatever '
+        'their --dataset_path) (/old/css, /other/css)'])
+    assert row_of(tables[f'data: {same} ({root}, {moved})'], 'tirg')[0] == '75.0 ± 7.1 (2 runs)'
+    assert row_of(tables[f'data: {other} ({modified})'], 'tirg')[0] == '10.0 (1 run)'
+    (old,) = [part for data, part in tables.items() if 'not recorded' in data]
+    assert row_of(old, 'tirg')[0] == '40.0 ± 14.1 (2 runs)'
+    code, out, err = table_cli([parent, '--format=latex'], capsys)
+    assert f'% data: {same} ({root.replace("_", chr(92) + "_")}, ' in out
+    code, out, err = table_cli([parent, '--format=csv'], capsys)
+    data_cells = {r['data'] for r in csv.DictReader(io.StringIO(out.split('\n\n')[0]))}
+    assert len(data_cells) == 1 and data_cells.pop().startswith('data: ')
+
+
+def test_a_run_from_a_checkpoints_weights_is_its_own_experiment_keyed_by_its_content(real_run, tmp_path, capsys):
+    parent = str(tmp_path / 'runs')
+    first, second = 'a1' * 32, 'b2' * 32
+    for name, checkpoint, digest, r1 in [('scratch', None, None, 0.5), ('from_1', '/x/a.pth', first, 0.6),
+                                         ('from_1_moved', '/y/copy.pth', first, 0.8),
+                                         ('from_2', '/x/a.pth', second, 0.9),
+                                         ('from_old', '/z/old.pth', None, 0.3)]:
+        start = {'path': checkpoint, 'digest': digest} if digest else None
+        synthetic_run(parent, name, real_run, [metrics_line(4, five(r1))], model='tirg', seed=1,
+                      checkpoint=checkpoint, record_fields={'initial_checkpoint': start})
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    tables = {part.splitlines()[0]: part for part in out.split('### ')[1:]}
+    suffix = ' (4 iterations; final test recalls, in %)'
+    assert sorted(tables) == sorted(['css3d, no --checkpoint' + suffix,
+                                     'css3d, --checkpoint=content a1a1a1a1a1a1' + suffix,
+                                     'css3d, --checkpoint=content b2b2b2b2b2b2' + suffix,
+                                     'css3d, --checkpoint=file /z/old.pth (its content not recorded)' + suffix])
+    assert row_of(tables['css3d, --checkpoint=content a1a1a1a1a1a1' + suffix], 'tirg')[0] == '70.0 ± 14.1 (2 runs)'
+    assert row_of(tables['css3d, no --checkpoint' + suffix], 'tirg')[0] == '50.0 (1 run)'
+
+
+def edit_options(run_dir, remove=()):
+    path = os.path.join(run_dir, 'options.json')
+    record = json.load(open(path))
+    for name in remove:
+        del record['options'][name]
+    json.dump(record, open(path, 'w'))
+
+
+SHOES_NAMES = ['recall_top1', 'recall_top10', 'recall_top50', 'recall_mean']
+FIQ_NAMES = ['recall_top10_dress', 'recall_top50_dress', 'recall_top10_mean', 'recall_top50_mean',
+             'recall_mean']
+
+
+def test_an_option_from_before_its_flag_is_its_default_and_titles_name_the_datasets_own(real_run, tmp_path, capsys):
+    parent = str(tmp_path / 'runs')
+    old = synthetic_run(parent, 'old', real_run, [metrics_line(4, five(0.6))], model='tirg', seed=1)
+    edit_options(old, remove=['img_backbone', 'css_query_images', 'shoes_protocol', 'fiq_protocol'])
+    synthetic_run(parent, 'new', real_run, [metrics_line(4, five(0.8))], model='tirg', seed=2,
+                  img_backbone='resnet18', css_query_images='3d', fiq_protocol='val')  # not CSS's
+    for seed, protocol, r in [(1, 'split', 0.2), (2, 'val', 0.4)]:
+        synthetic_run(parent, f'fiq_{protocol}', real_run, [metrics_line(4, [r] * 5, names=FIQ_NAMES)],
+                      model='tirg', seed=seed, dataset='fashioniq', fiq_protocol=protocol)
+    shoes_run = synthetic_run(parent, 'shoes', real_run, [metrics_line(4, [0.3] * 4, names=SHOES_NAMES)],
+                              model='tirg', seed=1, dataset='shoes', fiq_protocol='split')
+    edit_options(shoes_run, remove=['shoes_protocol'])
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    suffix = ' (4 iterations; final test recalls, in %)'
+    tables = {part.splitlines()[0]: part for part in out.split('### ')[1:]}
+    assert sorted(tables) == ['css3d' + suffix, 'fashioniq, --fiq_protocol=split' + suffix,
+                              'fashioniq, --fiq_protocol=val' + suffix, 'shoes' + suffix]
+    assert row_of(tables['css3d' + suffix], 'tirg')[0] == '70.0 ± 14.1 (2 runs)'
+    assert row_of(tables['shoes' + suffix], 'tirg') == ['30.0 (1 run)'] * 4
+
+
+def test_only_the_datasets_own_finite_recalls_are_read(real_run, tmp_path, capsys):
+    parent = str(tmp_path / 'runs')
+    foreign = metrics_line(4, five(0.6))
+    foreign.update({'test accuracy': 0.99, 'test loss': float('nan'), 'test recall_top1_dress': 0.4,
+                    'test note': 'not read'})
+    synthetic_run(parent, 'foreign', real_run, [foreign], model='tirg', seed=1)
+    bad = {'true': True, 'text': '0.5', 'nan': float('nan'), 'huge': 10 ** 400, 'inf': float('inf')}
+    for name, value in bad.items():
+        line = metrics_line(4, five(0.9))
+        line['test recall_top5_correct_composition'] = value
+        run_dir = synthetic_run(parent, f'bad_{name}', real_run, [metrics_line(2, five(0.1)), line],
+                                model='concat', seed=1)
+        with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:  # NaN and Infinity as Python writes them
+            f.write(json.dumps(metrics_line(2, five(0.1))) + '\n' + json.dumps(line) + '\n')
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    assert '| method | R@1 | R@5 | R@10 | R@50 | R@100 |' in out and 'accuracy' not in out
+    assert markdown_row(out, 'tirg')[0] == '60.0 (1 run)'
+    shown = {'true': 'true', 'text': '"0.5"', 'nan': 'NaN', 'huge': '1' + '0' * 36 + '...', 'inf': 'Infinity'}
+    for name in bad:
+        path = os.path.join(parent, f'bad_{name}', 'metrics.jsonl')
+        (note,) = [line for line in err.splitlines() if line.startswith(path)]
+        assert note == (f'{path}: line 2: "test recall_top5_correct_composition" is {shown[name]}, '
+                        f'not a finite number; skipped')
+        (left,) = [line for line in err.splitlines() if line.startswith(f'left out {os.path.dirname(path)}:')]
+        assert left.endswith('no final test line (the last test is at iteration 2, the run finished at 4)')
+    assert '| concat |' not in out
+
+
+def test_pick_best_never_takes_a_nan_and_keeps_the_earlier_of_tied_lines(real_run, tmp_path, capsys):
+    parent = str(tmp_path / 'runs')
+    nan_line = metrics_line(2, [float('nan'), 0.9, 0.9, 0.9, 0.9])
+    run_dir = synthetic_run(parent, 'nan', real_run, [], model='tirg', seed=1)
+    with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+        f.write(json.dumps(nan_line) + '\n' + json.dumps(metrics_line(4, five(0.3))) + '\n')
+    # Tied R@1 (the tracked recall) at iterations 2 and 4; R@5 tells which line was taken.
+    synthetic_run(parent, 'tie', real_run, [metrics_line(2, [0.6, 0.9, 0.9, 0.9, 0.9]),
+                                            metrics_line(4, [0.6, 0.7, 0.7, 0.7, 0.7])],
+                  model='concat', seed=1)
+    code, out, err = table_cli([parent, '--pick=best'], capsys)
+    assert code == 0, err
+    assert markdown_row(out, 'tirg')[:2] == ['30.0 (1 run)', '40.0 (1 run)']
+    assert markdown_row(out, 'concat')[:2] == ['60.0 (1 run)', '90.0 (1 run)']
+
+
+@pytest.mark.parametrize('finished', ['no', 1, 'yes'])
+def test_finished_means_the_value_true(real_run, tmp_path, capsys, finished):
+    parent = str(tmp_path / 'runs')
+    run_dir = synthetic_run(parent, 'run', real_run, [metrics_line(4, five(0.6))], model='tirg', seed=1)
+    ckpt = os.path.join(run_dir, 'latest_checkpoint.pth')
+    os.remove(ckpt)
+    torch.save({'it': 4, 'finished': finished, 'model_state_dict': {}}, ckpt)
+    code, out, err = table_cli([parent], capsys)
+    assert code == 1
+    assert f'left out {run_dir}: unfinished: its last checkpoint is at iteration 4 of 4' in err
+
+
+def test_methods_come_in_the_papers_order(real_run, tmp_path, capsys):
+    paper = ['imgonly', 'textonly', 'concat', 'show_and_tell', 'param_hashing', 'attribute_operator',
+             'relationship', 'film', 'tirg', 'tirg_lastconv', 'tirg_gate_only', 'tirg_res_only']
+    parent = str(tmp_path / 'runs')
+    for n, model in enumerate(['zz_custom', 'aa_custom'] + sorted(paper)):
+        synthetic_run(parent, f'{n}_{model}', real_run, [metrics_line(4, five(0.5))], model=model, seed=1)
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    methods = [line.split('|')[1].strip() for line in out.splitlines()[6:]]
+    assert methods == paper + ['aa_custom', 'zz_custom']
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23 item 8: any folder a user can point it at.
+
+def escape_checks(fmt, out):
+    if fmt == 'latex':
+        assert '\\input' not in out and '\\write18' not in out
+        for line in out.splitlines():  # only the table's own commands
+            assert re.fullmatch(r'(|% .*|\\begin\{tabular\}\{l+c*\}|\\hline|\\end\{tabular\}|.* \\\\)', line), line
+    elif fmt == 'markdown':  # every row of a table has its header's cells (the walk of / finds others' runs)
+        for table in out.split('### ')[1:]:
+            cells = [len(re.findall(r'(?<!\\)\|', line)) for line in table.splitlines() if line.startswith('|')]
+            assert len(set(cells)) == 1, table
+    else:
+        for row in csv.reader(io.StringIO(out)):
+            for value in row[:3]:
+                assert not value[:1] in ('=', '+', '-', '@'), row
+
+
+import re
+
+
+def hostile_folder(real_run, base):
+    """Runs in every way a folder can be wrong, beside two good ones whose names, options and
+    metric names carry LaTeX, markdown and spreadsheet syntax."""
+    parent = os.path.join(base, 'runs')
+    name = '=HYPERLINK("x")|\\input{/etc/passwd}\n\\write18{id}\ud800'
+    synthetic_run(parent, 'good', real_run, [metrics_line(4, five(0.6))], model=name, seed=1,
+                  learning_rate='$\\write18{rm -rf ~}$ & 100% #1 ^_^ {x}')
+    line = metrics_line(4, five(0.5))
+    line['test \\input{/etc/passwd}'] = 0.5
+    nan = metrics_line(2, five(0.5))
+    nan['test recall_top1_correct_composition'] = float('nan')
+    synthetic_run(parent, 'good2', real_run, [nan, line], model='-2+3', seed=2, learning_rate=0.05)
+    os.symlink('/', os.path.join(parent, 'root'))
+    fifo = os.path.join(parent, 'fifo_options')
+    os.makedirs(fifo)
+    os.mkfifo(os.path.join(fifo, 'options.json'))
+    for fifo_file in ('latest_checkpoint.pth', 'metrics.jsonl'):
+        run_dir = synthetic_run(parent, f'fifo_{fifo_file}', real_run, [metrics_line(4, five(0.6))],
+                                model='tirg', seed=3)
+        os.remove(os.path.join(run_dir, fifo_file))
+        os.mkfifo(os.path.join(run_dir, fifo_file))
+    for case, content in [('bytes', b'{"options": {"model": "\xff\xfe"}}'), ('deep', b'[' * 100000 + b']' * 100000),
+                          ('unhashable', json.dumps({'options': {'model': ['tirg'], 'dataset': 'css3d'}}).encode())]:
+        run_dir = synthetic_run(parent, f'options_{case}', real_run, [metrics_line(4, five(0.6))],
+                                model='tirg', seed=4)
+        with open(os.path.join(run_dir, 'options.json'), 'wb') as f:
+            f.write(content)
+    run_dir = synthetic_run(os.fsdecode(parent.encode() + b'/bad\xffname'), 'run', real_run,
+                            [metrics_line(4, five(0.6))], model='tirg', seed=5)
+    with open(os.path.join(run_dir, 'metrics.jsonl'), 'ab') as f:
+        f.write(b'\xff\xfe not text\n' + b'[' * 100000 + b']' * 100000 + b'\n')
+    return parent
+
+
+def test_a_hostile_folder_in_every_format(real_run, tmp_path):
+    """A link to /, FIFOs, bad bytes, 100,000-deep JSON, a NaN and LaTeX in names: each format
+    done within two minutes, no traceback, nothing injected."""
+    parent = hostile_folder(real_run, str(tmp_path))
+    env = dict(os.environ, LC_ALL='C.UTF-8', PYTHONIOENCODING='utf-8', OMP_NUM_THREADS='1')
+    processes = {fmt: subprocess.Popen([sys.executable, os.path.join(REPO, 'results_table.py'), parent,
+                                        f'--format={fmt}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=env)
+                 for fmt in ('markdown', 'latex', 'csv')}
+    results = {}
+    try:
+        for fmt, process in processes.items():
+            out, err = process.communicate(timeout=120)
+            results[fmt] = (process.returncode, out.decode('utf-8'), err.decode('utf-8'))
+    finally:
+        for process in processes.values():
+            process.kill()
+    for fmt, (code, out, err) in results.items():
+        assert code == 0 and 'Traceback' not in err, (fmt, err[-3000:])
+        escape_checks(fmt, out)
+        for case, reason in [('fifo_options', 'options.json is not a regular file'),
+                             ('fifo_latest_checkpoint.pth', 'latest_checkpoint.pth is not a regular file'),
+                             ('fifo_metrics.jsonl', 'metrics.jsonl is not a regular file'),
+                             ('options_bytes', 'options.json unreadable (not UTF-8 text (byte 23))'),
+                             ('options_deep', 'options.json unreadable (nested too deeply)'),
+                             ('options_unhashable', 'options.json: "model" is not a name')]:
+            assert f'left out {os.path.join(parent, case)}: {reason}\n' in err, (fmt, case, err[-3000:])
+        bad_name = os.path.join(parent, 'bad\\xffname', 'run')
+        assert f'{bad_name}/metrics.jsonl: line 2 is not JSON (not UTF-8 text (byte 0)); skipped' in err
+        assert f'{bad_name}/metrics.jsonl: line 3 is not JSON (nested too deeply); skipped' in err
+    markdown = results['markdown'][1]
+    assert '| =HYPERLINK("x")\\|\\\\input{/etc/passwd}\\\\n\\\\write18{id}\\\\ud800 | 60.0 (1 run) |' in markdown
+    # (The walk of / finds other runs, so titles name more options than the learning rate.)
+    assert '--learning_rate=$\\\\write18{rm -rf ~}$ & 100% #1 ^_^ {x}' in markdown
+    assert '| \'-2+3 |' not in markdown and '| -2+3 | 50.0 (1 run) |' in markdown  # the NaN line skipped
+    latex = results['latex'][1]
+    assert ('=HYPERLINK("x")|\\textbackslash{}input\\{/etc/passwd\\}\\textbackslash{}n\\textbackslash{}'
+            'write18\\{id\\}\\textbackslash{}ud800 & 60.0 (1 run)') in latex
+    assert ('--learning\\_rate=\\$\\textbackslash{}write18\\{rm -rf \\textasciitilde{}\\}\\$ \\& '
+            '100\\% \\#1 \\textasciicircum{}\\_\\textasciicircum{} \\{x\\}') in latex
+    rows = list(csv.reader(io.StringIO(results['csv'][1])))
+    methods = [row[2] for row in rows if len(row) > 2 and row[0].startswith(("'css3d", 'css3d'))]
+    assert '\'=HYPERLINK("x")|\\input{/etc/passwd}\\n\\write18{id}\\ud800' in methods
+    assert "'-2+3" in methods
+
+
+def test_ctrl_c_and_a_closed_pipe_are_one_line(runs, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(results_table, 'read_run', interrupted)
+    code, out, err = table_cli([runs], capsys)
+    assert code == 130 and err == '\nresults_table.py: interrupted\n' and out == ''
+
+
+def test_a_fifo_checkpoint_is_one_line_in_main_and_retrieve(tmp_path):
+    """checkpoints.load refuses it before torch.load would wait for a writer for ever."""
+    fifo = str(tmp_path / 'latest_checkpoint.pth')
+    os.mkfifo(fifo)
+    commands = {'retrieve.py': [f'--checkpoint={fifo}', '--query_index=0'],
+                'main.py': [f'--resume={fifo}'], 'main.py ': [f'--test_only', f'--checkpoint={fifo}']}
+    processes = {name: subprocess.Popen([sys.executable, os.path.join(REPO, name.strip())] + args,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        cwd=str(tmp_path))
+                 for name, args in commands.items()}
+    try:
+        for name, process in processes.items():
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 1 and len(err.splitlines()) == 1 and fifo in err, err
+            if name == 'retrieve.py':
+                assert err == f'retrieve.py: error: {fifo}: not a checkpoint file (a FIFO)\n'
+    finally:
+        for process in processes.values():
+            process.kill()
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_the_walk_stays_off_pseudo_file_systems_visits_a_folder_once_and_stops_deep(real_run, tmp_path, monkeypatch):
+    parent = tmp_path / 'walk'
+    synthetic_run(str(parent / 'a'), 'run', real_run, [metrics_line(4, five(0.5))], model='tirg', seed=1)
+    for name, target in [('proc', '/proc'), ('sys', '/sys'), ('dev', '/dev'), ('loop', str(parent)),
+                         ('again', str(parent / 'a'))]:
+        os.symlink(target, parent / name)
+    chain = parent / 'd1'
+    for i in range(2, results_table.MAX_DEPTH):
+        chain = chain / f'd{i}'
+    # A run MAX_DEPTH folders below is found, one a folder further is not.
+    synthetic_run(str(chain), 'edge', real_run, [metrics_line(4, five(0.5))], model='tirg', seed=2)
+    synthetic_run(str(chain / 'beyond'), 'too_deep', real_run, [metrics_line(4, five(0.5))], model='tirg', seed=3)
+    listed = []
+    real_scandir = os.scandir
+
+    def scandir(path):
+        listed.append(os.path.realpath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(results_table.os, 'scandir', scandir)
+    notes = []
+    runs, _ = results_table.find_run_folders([str(parent)], notes)
+    assert runs == [str(parent / 'a' / 'run'), str(chain / 'edge')]
+    assert not [p for p in listed if p.startswith(('/proc', '/sys', '/dev'))]
+    assert len(listed) == len(set(listed))
+    (note,) = notes
+    assert note == (f'note: not searched deeper than {results_table.MAX_DEPTH} folders below the folders '
+                    f'given (1 places, first: {chain / "beyond"})')
+    monkeypatch.setattr(results_table, 'MAX_FOLDERS', 3)
+    notes = []
+    results_table.find_run_folders([str(parent)], notes)
+    assert notes[0].startswith('note: stopped searching after 3 folders (runs further on, from ')
+    assert len(listed) == len(set(listed)) + 3
