@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import torch
 
+import amp
 import distributed
 
 FORMAT_VERSION = 1
@@ -328,7 +329,7 @@ def restore_training_state(optimizer, ckpt, seed):
 
 
 # Flags that may differ between the sessions of one run: where, how fast and how long it runs,
-# not what it computes.
+# not what it computes (--amp only where the precision stays: check_resume_precision).
 RESUMABLE_FLAGS = {'resume', 'num_iters', 'loader_num_workers', 'device', 'dataset_path', 'amp',
                    'channels_last', 'fast_decode', 'sync_bn', 'comment', 'f'}
 
@@ -376,6 +377,22 @@ def check_resume_target(opt, ckpt):
     if opt.num_iters < it or (opt.num_iters == it and ckpt.get('finished', False)):
         raise CheckpointError(f'--num_iters={opt.num_iters}: the run in {opt.resume} is already at '
                               f'iteration {it}; give a larger --num_iters to train further')
+
+
+def check_resume_precision(opt, ckpt):
+    """A run computes in one precision (opt.precision, main.choose_precision) for its whole life,
+    so that its recalls are a float32 or a bfloat16 result, which results_table.py keeps apart,
+    never a mix of the two."""
+    before = getattr(ckpt['opt'], 'precision', None)  # None: saved before the CPU's --amp
+    if before is None or before == opt.precision:
+        return
+    if before == amp.BFLOAT16:
+        how = f'{amp.CPU_BF16_ENV}=1 continues it in bfloat16 on a CPU without native bfloat16 (slower)'
+    else:
+        how = f'resume it without --amp ({amp.CPU_BF16_ENV}=0 on a CPU)'
+    raise CheckpointError(f'--resume={opt.resume}: the run computed in {before}, and this session '
+                          f'would compute in {opt.precision}; one run\'s results would mix the two: '
+                          f'{how}, or start a new run from its weights with --checkpoint={opt.resume}')
 
 
 # Options a checkpoint stores that say how that session was started, not what it trains.

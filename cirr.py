@@ -275,10 +275,10 @@ def write_test1_files(run_dir, recall, recall_subset):
     return paths
 
 
-def write_test1_submission(model, dataset, batch_size, num_workers, run_dir):
+def write_test1_submission(model, dataset, batch_size, num_workers, run_dir, precision=amp.FLOAT32):
     """main.py --test_only --test_split=test1: every process ranks its share; the first one
     (run_dir not None) writes the evaluation server's two files there."""
-    recall, recall_subset = test1_submission(model, dataset, batch_size, num_workers)
+    recall, recall_subset = test1_submission(model, dataset, batch_size, num_workers, precision)
     if run_dir is None:
         return
     for path in write_test1_files(run_dir, recall, recall_subset):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import torch
 
+import amp
 import checkpoints
 import datasets
 import distributed
@@ -50,6 +51,20 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def choose_precision(opt, device):
+    """opt.precision: what --amp computes in on this device (amp.choose), said in one line at
+    start where it is float32 after all.  Under torchrun every process decides (a bad
+    TIRG_CPU_BF16 is an error on each) and all take the first process's decision, so the
+    processes compute alike even on machines that differ."""
+    try:
+        decision = amp.choose(opt.amp, device.type)
+    except amp.PrecisionSettingError as e:
+        raise UserError(str(e)) from None
+    opt.precision, notice = distributed.broadcast_object(decision)
+    if notice:
+        distributed.print0(notice)
 
 
 def seed_process(opt, rank):

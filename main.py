@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import amp
 import checkpoints
 import datasets
 import distributed
@@ -32,7 +33,7 @@ from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_fla
                         adopt_checkpoint_architecture, adopt_checkpoint_dataset,
                         adopt_checkpoint_query_images, build_model, check_architecture_flags,
                         check_css_query_images, check_img_weights, check_model_fits_dataset,
-                        load_data, seed_process, select_device)
+                        choose_precision, load_data, seed_process, select_device)
 from interrupts import InterruptFlag
 
 # EpochBatchSampler seeds each epoch with seed * sampling.SEED_STRIDE + epoch, which must fit
@@ -105,7 +106,10 @@ def get_args_parser():
                    help="split evaluated by --test_only ('test1': CIRR's evaluation-server files)")
     p.add_argument('--sync_bn', action='store_true',
                    help='under torchrun on CUDA: BatchNorm statistics over the global batch')
-    p.add_argument('--amp', action='store_true', help='bfloat16 autocast on CUDA (off: exact float32)')
+    p.add_argument('--amp', action='store_true',
+                   help='bfloat16 autocast on CUDA and on CPUs with native bfloat16 (elsewhere '
+                        'float32, said at start); weights, loss and ranking stay float32 (off: '
+                        'exact float32)')
     p.add_argument('--channels_last', action='store_true', help='channels-last memory format for the CNN')
     p.add_argument('--fast_decode', action='store_true',
                    help='decode JPEGs at reduced size before Resize(224) (faster; changes pixels slightly)')
@@ -250,9 +254,9 @@ def decay_learning_rate(opt, optimizer, it):
 
 # The training loop.
 def autocast(opt, device):
-    if opt.amp and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The training forward pass's context: bfloat16 autocast where experiment.choose_precision
+    decided it (--amp), else nothing."""
+    return amp.autocast(opt.precision, device.type)
 
 
 class TrainingStopped(Exception):
@@ -427,13 +431,13 @@ def evaluate_split(opt, model, dataset, features=None):
     """[(metric name, recall)] of one split, by the dataset's own protocol."""
     if opt.dataset == 'fashioniq' and dataset.get_test_queries():
         import fashioniq
-        return fashioniq.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers)
+        return fashioniq.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
     if opt.dataset == 'cirr' and dataset.get_test_queries():
         import cirr
-        return cirr.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers)
+        return cirr.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
     if opt.dataset == 'shoes' and dataset.get_test_queries():
         import shoes
-        return shoes.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers)
+        return shoes.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
     return test_retrieval.test(opt, model, dataset, features=features)
 
 
@@ -464,7 +468,7 @@ def test_only(run):
     if opt.test_split == 'test1':
         import cirr
         cirr.write_test1_submission(run['model'], dataset, opt.batch_size, opt.loader_num_workers,
-                                    run['dir'])
+                                    run['dir'], opt.precision)
         return 0
     metrics = evaluate(opt, run['model'], [(opt.test_split, dataset)], run['logger'], it, None, run['dir'])
     if run['dir'] is None:
@@ -480,6 +484,9 @@ def test_only(run):
 def run(opt):
     opt, resume_ckpt, init_ckpt, init_path = prepare_options(opt)
     device = distributed.device_for_process(select_device(opt.device))
+    choose_precision(opt, device)
+    if resume_ckpt is not None:
+        checkpoints.check_resume_precision(opt, resume_ckpt)
     run_folder.lock_resumed_run_folder(opt)
     check_processes(opt)
     if opt.seed is None:

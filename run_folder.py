@@ -208,7 +208,7 @@ def append_metrics_line(run_dir, record):
 
 
 def write_test_results(run_dir, opt, dataset, it, metrics):
-    results = {'checkpoint': opt.checkpoint, 'dataset': opt.dataset,
+    results = {'checkpoint': opt.checkpoint, 'dataset': opt.dataset, 'precision': opt.precision,
                'dataset_path': opt.dataset_path, 'split': opt.test_split, 'model': opt.model,
                'it': it, 'metrics': metrics}
     if opt.dataset == 'fashioniq':

@@ -244,3 +244,136 @@ def test_the_retrieval_test_ranks_float32_features_in_its_options_precision(monk
     del opt.precision
     test_retrieval.test(opt, model, dataset)
     assert extracted == ['bfloat16', 'float32']
+
+
+# ---------------------------------------------------------------------------------------------
+# main.py --amp on a CPU.  The fixture is small (4 scenes: 12 images and 8 queries a split) and
+# the batch 2: emulated bfloat16 costs ~10 s a training iteration here.
+
+def amp_command(root, *flags):
+    return ['--dataset=css3d', f'--dataset_path={root}', '--batch_size=2', '--embed_dim=16',
+            '--loader_num_workers=0', '--img_weights=none', '--seed=5'] + list(flags)
+
+
+def read_json(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def autocast_calls(monkeypatch):
+    """The precision of every amp.autocast context entered (training and feature extraction)."""
+    calls = []
+    original = amp.autocast
+
+    def recording(precision, device_type):
+        calls.append(precision)
+        return original(precision, device_type)
+    monkeypatch.setattr(amp, 'autocast', recording)
+    return calls
+
+
+@pytest.fixture
+def small_css(tmp_path):
+    from conftest import write_css_fixture
+    root = str(tmp_path / 'css')
+    write_css_fixture(root, num_scenes=4)
+    return root
+
+
+def test_amp_without_native_bfloat16_says_so_once_and_trains_in_float32(small_css, tmp_path, monkeypatch,
+                                                                        autocast_calls):
+    import os
+    from conftest import only_run_folder, run_main
+    monkeypatch.delenv('TIRG_CPU_BF16', raising=False)
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: False)
+    result = run_main(amp_command(small_css, '--amp', '--num_iters=1', '--comment=_fallback'),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    notices = [line for line in (result.stdout + result.stderr).splitlines() if 'bfloat16' in line]
+    assert notices == [NO_NATIVE]
+    run_dir = only_run_folder(tmp_path, '_fallback')
+    options = read_json(os.path.join(run_dir, 'options.json'))['options']
+    assert (options['amp'], options['precision']) == (True, 'float32')
+    # One training iteration and the evaluations of both splits, all in float32.
+    assert len(autocast_calls) > 3 and set(autocast_calls) == {'float32'}
+
+    # Its float32 checkpoint tests in bfloat16 (the path forced).
+    monkeypatch.setenv('TIRG_CPU_BF16', '1')
+    del autocast_calls[:]
+    tested = run_main(['--test_only', f'--checkpoint={run_dir}/latest_checkpoint.pth', '--amp',
+                       f'--dataset_path={small_css}', '--batch_size=4', '--loader_num_workers=0',
+                       '--comment=_bf16test'], cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr
+    results = read_json(os.path.join(only_run_folder(tmp_path, '_bf16test'), 'test_results.json'))
+    assert results['precision'] == 'bfloat16'
+    assert all(0 <= v <= 1 for v in results['metrics'].values())
+    assert autocast_calls and set(autocast_calls) == {'bfloat16'}
+
+
+def test_a_bad_cpu_bfloat16_setting_is_one_line_and_no_run_folder(small_css, tmp_path, monkeypatch):
+    import os
+    from conftest import run_main
+    monkeypatch.setenv('TIRG_CPU_BF16', 'true')
+    result = run_main(amp_command(small_css, '--amp', '--num_iters=1'), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        'main.py: error: TIRG_CPU_BF16=true: expected 1 (bfloat16 autocast on the CPU under '
+        '--amp) or 0 (float32)']
+    assert not os.path.exists(tmp_path / 'runs') or not os.listdir(tmp_path / 'runs')
+
+
+def test_amp_on_the_bfloat16_path_trains_resumes_and_tests_with_float32_weights(small_css, tmp_path,
+                                                                                monkeypatch, autocast_calls):
+    import math
+    import os
+    import checkpoints
+    from conftest import metrics_lines, only_run_folder, run_main
+    monkeypatch.setenv('TIRG_CPU_BF16', '1')
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: False)
+    result = run_main(amp_command(small_css, '--amp', '--num_iters=2', '--comment=_bf16'), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('TIRG_CPU_BF16=1: bfloat16 autocast on a CPU without native') == 1
+    # Two training iterations, then the evaluation of both splits.
+    assert len(autocast_calls) > 3 and set(autocast_calls) == {'bfloat16'}
+    run_dir = only_run_folder(tmp_path, '_bf16')
+    assert read_json(os.path.join(run_dir, 'options.json'))['options']['precision'] == 'bfloat16'
+    latest = os.path.join(run_dir, 'latest_checkpoint.pth')
+    ckpt = checkpoints.load(latest)
+    # Autocast casts on the fly: what is stored (weights, batch-norm statistics, momentum) is float32.
+    assert {v.dtype for v in ckpt['model_state_dict'].values() if v.is_floating_point()} == {torch.float32}
+    momentum = [s['momentum_buffer'] for s in ckpt['optimizer_state_dict']['state'].values()]
+    assert momentum and {m.dtype for m in momentum} == {torch.float32}
+    assert ckpt['opt'].precision == 'bfloat16'
+    final = metrics_lines(run_dir)[-1]
+    assert final['it'] == 2
+    recalls = [v for k, v in final.items() if k.startswith('test recall')]
+    assert recalls and all(0 <= v <= 1 for v in recalls)
+    losses = ckpt['losses']['soft_triplet'] if ckpt['losses'] else [1.0]
+    assert all(math.isfinite(v) for v in losses)
+
+    # Resuming in float32 would mix precisions in one run: refused, nothing written.
+    before = (os.path.getmtime(latest), len(metrics_lines(run_dir)))
+    monkeypatch.setenv('TIRG_CPU_BF16', '0')
+    refused = run_main([f'--resume={latest}', '--num_iters=3'], cwd=tmp_path)
+    assert refused.returncode == 1
+    (message,) = refused.stderr.strip().splitlines()
+    assert message.startswith(f'main.py: error: --resume={latest}: the run computed in bfloat16')
+    assert (os.path.getmtime(latest), len(metrics_lines(run_dir))) == before
+
+    # In bfloat16 it continues.
+    monkeypatch.setenv('TIRG_CPU_BF16', '1')
+    resumed = run_main([f'--resume={latest}', '--num_iters=3'], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoints.load(latest)['it'] == 3
+    assert metrics_lines(run_dir)[-1]['it'] == 3
+
+    # Its checkpoint tests in float32 (no --amp): a new folder says so.
+    monkeypatch.delenv('TIRG_CPU_BF16')
+    tested = run_main(['--test_only', f'--checkpoint={latest}', f'--dataset_path={small_css}',
+                       '--batch_size=2', '--loader_num_workers=0', '--comment=_f32test'], cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr
+    results = read_json(os.path.join(only_run_folder(tmp_path, '_f32test'), 'test_results.json'))
+    assert results['precision'] == 'float32'
+    assert all(0 <= v <= 1 for v in results['metrics'].values())

@@ -289,6 +289,7 @@ def test_nan_loss_stops_with_a_clear_message():
         def forward(self, source, texts, target, soft_triplet_loss=True):
             return self.w * float('nan')
     opt = main.parse_opt(['--img_weights=none'])
+    opt.precision = 'float32'  # main.run decides it (choose_precision)
     model = NanModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = {'source_img_data': torch.zeros(2, 3, 8, 8), 'target_img_data': torch.zeros(2, 3, 8, 8),
