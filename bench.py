@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks import backbones, data, ddp, loss, memory, models, retrieval, train  # noqa: E402
+from benchmarks import backbones, bfloat16, data, ddp, loss, memory, models, retrieval, train  # noqa: E402
 from benchmarks.command_line import (check_device, check_json_path, check_numbers,  # noqa: E402
                                      parse_batches, parse_counts, parse_size, write_json)
 from benchmarks.common import header_line, machine_header, set_up_torch  # noqa: E402
@@ -30,7 +30,7 @@ from benchmarks.common import header_line, machine_header, set_up_torch  # noqa:
 # The sections in the order they run.  Each module's measure(args, device, tmp) returns the
 # lines to print and the section's entry in --json; tmp is a folder removed after the run.
 SECTIONS = {'retrieval': retrieval, 'loss': loss, 'train': train, 'backbones': backbones,
-            'data': data, 'memory': memory, 'ddp': ddp, 'models': models}
+            'data': data, 'memory': memory, 'ddp': ddp, 'models': models, 'amp': bfloat16}
 
 
 def get_args_parser():
@@ -68,7 +68,7 @@ def get_args_parser():
     p.add_argument('--threads', type=int, default=0,
                    help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS); "
                         'on a machine shared with other work, 1 avoids OpenMP threads thrashing')
-    p.add_argument('--amp', action='store_true', help='train: bfloat16 autocast (CUDA only)')
+    p.add_argument('--amp', action='store_true', help='train, backbones, models: as main.py --amp')
     p.add_argument('--channels_last', action='store_true',
                    help='train: channels-last memory format for both the loop and the bare step')
     p.add_argument('--model_image_size', type=int, default=224,
@@ -77,10 +77,10 @@ def get_args_parser():
                    help='models: timed rounds (every model once a round, after one warm-up round)')
     p.add_argument('--skip_model_memory', action='store_true',
                    help='models: skip the peak-memory measurement (default: measured on CPU)')
+    p.add_argument('--amp_sizes', type=parse_counts, default='64,224', help='amp: image sizes (square)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--quick', action='store_true', help='tiny sizes (seconds; for tests)')
-    p.add_argument('--only', default=','.join(SECTIONS),
-                   help='comma-separated sections: ' + ','.join(SECTIONS))
+    p.add_argument('--only', default=','.join(SECTIONS), help='comma-separated sections: ' + ','.join(SECTIONS))
     p.add_argument('--json', default=None, metavar='FILE', help='also write the results here')
     # The ddp section runs this file again, once per process: what to do there.
     p.add_argument('--ddp_worker', default=None, help=argparse.SUPPRESS)
@@ -91,7 +91,7 @@ def get_args_parser():
 QUICK = {'queries': 200, 'gallery': 2000, 'dim': 64, 'repeats': 1, 'loss_repeats': 10,
          'batch_size': 4, 'iters': 2, 'warmup': 1, 'backbone_size': 64, 'image_size': (320, 240),
          'data_images': 8, 'data_passes': 1, 'data_batches': 2, 'memory_counts': [20, 200],
-         'model_image_size': 64, 'model_iters': 1}
+         'model_image_size': 64, 'model_iters': 1, 'amp_sizes': [32]}
 
 
 def parse_args(argv=None):

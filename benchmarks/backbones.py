@@ -13,7 +13,7 @@ import torch
 import experiment
 import img_text_composition_models
 import main
-from benchmarks.common import autocast, fmt_seconds, synchronize, timed
+from benchmarks.common import autocast, fmt_seconds, precision, synchronize, timed
 from benchmarks.peak_memory import peak_memory
 
 
@@ -28,6 +28,7 @@ def backbone_model(args, device, backbone):
              f'--img_backbone={backbone}', f'--batch_size={args.batch_size}', f'--device={device}']
     flags += ['--amp'] * args.amp + ['--channels_last'] * args.channels_last
     opt = main.parse_opt(flags)
+    opt.precision = precision(opt.amp, device)
     torch.manual_seed(args.seed)
     with contextlib.redirect_stdout(io.StringIO()):
         model = experiment.create_model(opt, BACKBONE_TEXTS).to(device)

@@ -1,7 +1,6 @@
 """What every section shares: wall-clock timers (time.perf_counter, the device synchronised
-around every timed region), durations as text, the machine's description, torch's set-up, bfloat16
-autocast, and batches from a training loader without end."""
-import contextlib
+around every timed region), durations as text, the machine's description, torch's set-up, --amp's
+precision and autocast, and batches from a training loader without end."""
 import os
 import platform
 import statistics
@@ -9,6 +8,8 @@ import time
 
 import numpy as np
 import torch
+
+import amp
 
 
 def synchronize(device):
@@ -56,10 +57,13 @@ def device_description(device):
     return name
 
 
-def autocast(amp, device):
-    if amp and device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def precision(amp_flag, device):
+    """What main.py --amp computes in on `device` (bfloat16 or float32; amp.choose)."""
+    return amp.choose(amp_flag, device.type)[0]
+
+
+def autocast(amp_flag, device):
+    return amp.autocast(precision(amp_flag, device), device.type)
 
 
 def endless_batches(loader, sampler):
@@ -83,13 +87,13 @@ def set_up_torch(device, threads, seed):
     np.random.seed(seed)
 
 
-def machine_header(device, amp):
+def machine_header(device, amp_flag):
     """What the figures depend on beyond the code: the --json file's 'header'."""
     return {
         'device': str(device), 'device_name': device_description(device),
         'torch': torch.__version__, 'numpy': np.__version__, 'python': platform.python_version(),
         'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-        'amp': bool(amp and device.type == 'cuda'),
+        'amp': precision(amp_flag, device) == amp.BFLOAT16,
         'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
     }
 

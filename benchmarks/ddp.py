@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import amp
 import datasets
 import distributed
 import experiment
@@ -34,6 +35,7 @@ def worker(args):
     opt = main.parse_opt(['--dataset=css3d', f'--dataset_path={args.ddp_data}', '--model=tirg',
                           '--img_weights=none', '--loss=soft_triplet', '--loader_num_workers=0',
                           f'--batch_size={args.batch_size}', f'--seed={args.seed}', '--device=cpu'])
+    opt.precision = amp.FLOAT32
     experiment.seed_process(opt, rank)
     trainset = datasets.CSSDataset(opt.dataset_path, split='train', transform=datasets.css_transform())
     with contextlib.redirect_stdout(io.StringIO()):

@@ -13,7 +13,7 @@ import datasets
 import experiment
 import main
 import sampling
-from benchmarks.common import autocast, fmt_seconds, synchronize, timed
+from benchmarks.common import autocast, fmt_seconds, precision, synchronize, timed
 from benchmarks.fixtures import write_css_tree
 
 
@@ -49,6 +49,7 @@ def measure(args, device, tmp):
              f'--batch_size={args.batch_size}', f'--seed={args.seed}', f'--device={device}']
     flags += ['--amp'] * args.amp + ['--channels_last'] * args.channels_last
     opt = main.parse_opt(flags)
+    opt.precision = precision(opt.amp, device)
     experiment.seed_everything(opt.seed)
     trainset = datasets.CSSDataset(opt.dataset_path, split='train', transform=datasets.css_transform())
     with contextlib.redirect_stdout(io.StringIO()):

@@ -74,6 +74,10 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert models['tirg']['vs_tirg'] == 1.0
     assert models['relationship']['vs_tirg'] == pytest.approx(
         models['relationship']['median_s'] / models['tirg']['median_s'])
+    assert any(x.startswith('amp processor: ') for x in lines), result.stdout
+    assert any(re.match(r'amp train iteration batch 4 \(TIRG, 2x4 images\) at 32x32: float32 \S+ \S+ '
+                        r'\(1\.00x\), .*float32 channels_last \S+ \S+ \(\d+\.\d\dx\)', x) for x in lines)
+    assert results['amp']['sizes']['32']['train']['float32']['ratio'] == 1.0
     ddp = results['ddp']['runs']
     assert ddp['1']['processes'] == 1 and ddp['2']['processes'] == 2, ddp
     assert results['ddp']['scaling'] == pytest.approx(ddp['2']['img_per_s'] / ddp['1']['img_per_s'])
@@ -87,6 +91,41 @@ def test_only_selects_sections(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(['--only', 'gpu'])
     assert 'unknown section' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('forced', [None, '1'])
+def test_the_amp_section_times_bfloat16_only_where_amp_computes_in_it(forced, capsys, monkeypatch):
+    import amp
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: False)
+    if forced:
+        monkeypatch.setenv('TIRG_CPU_BF16', forced)
+    else:
+        monkeypatch.delenv('TIRG_CPU_BF16', raising=False)
+    results = bench.run(bench.parse_args(['--quick', '--only', 'amp', '--batch_size', '2',
+                                          '--amp_sizes', '24']))
+    lines = capsys.readouterr().out.splitlines()[1:]
+    sizes = results['amp']['sizes']
+    assert list(sizes) == ['24'] and set(sizes['24']) == {'train', 'extract'}
+    variants = ['float32', 'float32 channels_last']
+    if forced:
+        variants[1:1] = ['bfloat16']
+        variants.append('bfloat16 channels_last')
+        assert lines[0] == ('amp processor: no native bfloat16; TIRG_CPU_BF16=1: bfloat16 timed on '
+                            'the emulated path (--amp would run float32 here)')
+    else:
+        assert lines[0] == ('amp processor: no native bfloat16: --amp runs float32 here, so '
+                            'bfloat16 is not timed (TIRG_CPU_BF16=1 times the emulated path)')
+    for kind in ('train', 'extract'):
+        timed = sizes['24'][kind]
+        assert list(timed) == variants
+        base = timed['float32']['mean_s']
+        for entry in timed.values():
+            assert entry['ratio'] == pytest.approx(entry['mean_s'] / base)
+    assert lines[1].startswith('amp train iteration batch 2 (TIRG, 2x2 images) at 24x24: float32 ')
+    assert lines[1].count('x)') == len(variants)
+    assert lines[2].startswith('amp feature extraction batch 2 (eval) at 24x24: float32 ')
+    assert results['amp']['processor'] == {'device': 'cpu', 'native_bf16': False,
+                                           'TIRG_CPU_BF16': True if forced else None}
 
 
 def test_four_squares():
