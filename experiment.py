@@ -53,11 +53,11 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def choose_precision(opt, device):
+def choose_precision(opt, device, resume_ckpt=None):
     """opt.precision: what --amp computes in on this device (amp.choose), said in one line at
-    start where it is float32 after all.  Under torchrun every process decides (a bad
-    TIRG_CPU_BF16 is an error on each) and all take the first process's decision, so the
-    processes compute alike even on machines that differ."""
+    start where it is float32 after all, and the same as the resumed run's.  Under torchrun every
+    process decides (a bad TIRG_CPU_BF16 is an error on each) and all take the first process's
+    decision, so the processes compute alike even on machines that differ."""
     try:
         decision = amp.choose(opt.amp, device.type)
     except amp.PrecisionSettingError as e:
@@ -65,6 +65,8 @@ def choose_precision(opt, device):
     opt.precision, notice = distributed.broadcast_object(decision)
     if notice:
         distributed.print0(notice)
+    if resume_ckpt is not None:
+        checkpoints.check_resume_precision(opt, resume_ckpt)
 
 
 def seed_process(opt, rank):

@@ -7,7 +7,6 @@
     torchrun --nproc_per_node=8 main.py <the same flags>      # one process per GPU, same experiment
 """
 import argparse
-import contextlib
 import os
 import random
 import shlex
@@ -107,9 +106,7 @@ def get_args_parser():
     p.add_argument('--sync_bn', action='store_true',
                    help='under torchrun on CUDA: BatchNorm statistics over the global batch')
     p.add_argument('--amp', action='store_true',
-                   help='bfloat16 autocast on CUDA and on CPUs with native bfloat16 (elsewhere '
-                        'float32, said at start); weights, loss and ranking stay float32 (off: '
-                        'exact float32)')
+                   help='bfloat16 autocast on CUDA and on CPUs with native bfloat16 (off: exact float32)')
     p.add_argument('--channels_last', action='store_true', help='channels-last memory format for the CNN')
     p.add_argument('--fast_decode', action='store_true',
                    help='decode JPEGs at reduced size before Resize(224) (faster; changes pixels slightly)')
@@ -254,8 +251,7 @@ def decay_learning_rate(opt, optimizer, it):
 
 # The training loop.
 def autocast(opt, device):
-    """The training forward pass's context: bfloat16 autocast where experiment.choose_precision
-    decided it (--amp), else nothing."""
+    """The forward pass's context: bfloat16 autocast where experiment.choose_precision chose it."""
     return amp.autocast(opt.precision, device.type)
 
 
@@ -484,9 +480,7 @@ def test_only(run):
 def run(opt):
     opt, resume_ckpt, init_ckpt, init_path = prepare_options(opt)
     device = distributed.device_for_process(select_device(opt.device))
-    choose_precision(opt, device)
-    if resume_ckpt is not None:
-        checkpoints.check_resume_precision(opt, resume_ckpt)
+    choose_precision(opt, device, resume_ckpt)
     run_folder.lock_resumed_run_folder(opt)
     check_processes(opt)
     if opt.seed is None:

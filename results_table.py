@@ -396,8 +396,17 @@ def read_run(run_dir, pick, notes):
     line = pick_line(tested_lines(run_dir, DATASET_METRICS[options['dataset']], notes),
                      options, pick, it)
     return {'dir': run_dir, 'options': options, 'data': data_key(record),
-            'weights': weights_key(record, options), 'iterations': it,
-            'metrics': line['metrics'], 'picked_it': line['it']}
+            'weights': weights_key(record, options), 'precision': precision_of(record, options),
+            'iterations': it, 'metrics': line['metrics'], 'picked_it': line['it']}
+
+
+def precision_of(record, options):
+    """What the run computed in (bfloat16 and float32 runs are different experiments):
+    options.json's `precision`, or for a run from before it was recorded, bfloat16 where --amp
+    ran on CUDA (the only place it acted then) and float32 elsewhere."""
+    if 'precision' in options:
+        return options['precision']
+    return 'bfloat16' if options.get('amp') and str(record.get('device')).startswith('cuda') else 'float32'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +422,7 @@ def experiment_options(run):
                if k not in IGNORED_OPTIONS and applies(k, dataset)}
     options['num_iters'] = run['iterations']
     options['checkpoint'] = run['weights']
+    options['precision'] = run['precision']
     return options
 
 
@@ -439,6 +449,8 @@ def build_tables(runs):
 def title_part(name, value):
     if name == 'checkpoint':
         return 'no --checkpoint' if value is None else f'--checkpoint={value}'
+    if name == 'precision':  # not a flag: what --amp computed in
+        return f"in {printable(str(value))}"
     return f'--{name}={value}'
 
 

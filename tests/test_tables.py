@@ -658,3 +658,28 @@ def test_the_walk_stays_off_pseudo_file_systems_visits_a_folder_once_and_stops_d
     results_table.find_run_folders([str(parent)], notes)
     assert notes[0].startswith('note: stopped searching after 3 folders (runs further on, from ')
     assert len(listed) == len(set(listed)) + 3
+
+
+def test_bfloat16_runs_get_their_own_table_and_older_runs_take_theirs_from_the_device(real_run, tmp_path, capsys):
+    """options.json's precision (issue 25) splits tables; a run from before it was recorded
+    computed in bfloat16 only where --amp ran on CUDA."""
+    parent = str(tmp_path / 'runs')
+    for name, seed, r1, options, device in [
+            ('float32', 1, 0.6, {'precision': 'float32'}, 'cpu'),
+            ('fell_back', 2, 0.4, {'precision': 'float32', 'amp': True}, 'cpu'),
+            ('bfloat16', 3, 0.7, {'precision': 'bfloat16', 'amp': True}, 'cpu'),
+            ('old_cpu_amp', 4, 0.5, {'amp': True}, 'cpu'),
+            ('old_cuda_amp', 5, 0.9, {'amp': True}, 'cuda:1'),
+            ('old_cuda', 6, 0.55, {'amp': False}, 'cuda')]:
+        run_dir = synthetic_run(parent, name, real_run, [metrics_line(4, five(r1))], model='tirg',
+                                seed=seed, record_fields={'device': device}, **options)
+        if 'precision' not in options:
+            edit_options(run_dir, remove=['precision'])
+    code, out, err = table_cli([parent], capsys)
+    assert code == 0, err
+    suffix = ' (4 iterations; final test recalls, in %)'
+    tables = {part.splitlines()[0]: part for part in out.split('### ')[1:]}
+    assert sorted(tables) == ['css3d, in bfloat16' + suffix, 'css3d, in float32' + suffix]
+    assert row_of(tables['css3d, in bfloat16' + suffix], 'tirg')[0] == '80.0 ± 14.1 (2 runs)'
+    # 60, 40, 50, 55.
+    assert row_of(tables['css3d, in float32' + suffix], 'tirg')[0] == '51.2 ± 8.5 (4 runs)'
