@@ -306,10 +306,14 @@ def initial_progress():
 
 
 def restore_progress(ckpt):
+    """A resumed run is unfinished until its own final evaluation is logged, whatever the
+    checkpoint it continues says (a finished run resumes only to train further): stopped during
+    training or during that evaluation, its checkpoint says unfinished, and resuming it again
+    goes on or redoes the final test."""
     return {'it': int(ckpt['it']), 'epoch': int(ckpt['epoch']),
             'batches_done': int(ckpt['batches_done']),
             'losses': {k: list(v) for k, v in ckpt.get('losses', {}).items()},
-            'best_recall': ckpt.get('best_recall'), 'finished': bool(ckpt.get('finished', False))}
+            'best_recall': ckpt.get('best_recall'), 'finished': False}
 
 
 def restore_training_state(optimizer, ckpt, seed):

@@ -210,7 +210,8 @@ def image_list(dataset, path):
 # ---------------------------------------------------------------------------------------------
 # Digests.
 
-def _file_digest(path):
+def file_digest(path):
+    """SHA-256 of a regular file's contents, or None for a FIFO or a device (never waited on)."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, 'rb') as f:
@@ -232,7 +233,7 @@ def identify(dataset, path):
     hashed = 0
     for name, file_path in sorted(annotation_files(dataset, path)):
         try:
-            digest = _file_digest(file_path)
+            digest = file_digest(file_path)
         except FileNotFoundError:
             continue  # absent (an optional file); the dataset loader says when it is needed
         if digest is None:

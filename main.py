@@ -186,6 +186,8 @@ def prepare_options(opt):
     init_ckpt, init_path = resume_ckpt, opt.resume
     if init_ckpt is None and opt.checkpoint:
         init_ckpt, init_path = load_checkpoint(opt.checkpoint), opt.checkpoint
+        if not opt.test_only:  # a run from these weights is an experiment of its own
+            opt.initial_checkpoint = run_folder.initial_checkpoint(opt.checkpoint)
         adopt_checkpoint_dataset(opt, init_ckpt, init_path)
         adopt_checkpoint_query_images(opt, init_ckpt)
     if init_ckpt is not None:

@@ -38,8 +38,8 @@ import test_retrieval
 # iteration count is its last checkpoint's (--num_iters may have grown on resume).  --checkpoint
 # is replaced by its file's content digest.
 IGNORED_OPTIONS = ((checkpoints.RESUMABLE_FLAGS - {'num_iters'})
-                   | {'seed', 'checkpoint', 'resume', 'resume_it', 'checkpoint_it', 'test_only',
-                      'test_split', 'explicit_flags'})
+                   | {'seed', 'checkpoint', 'initial_checkpoint', 'resume', 'resume_it',
+                      'checkpoint_it', 'test_only', 'test_split', 'explicit_flags'})
 # Options that only some datasets read: elsewhere they neither split tables nor name one.
 DATASET_OPTIONS = {'css_query_images': {'css3d'}, 'f200k_label_order': {'fashion200k'},
                    'fiq_category': {'fashioniq'}, 'fiq_protocol': {'fashioniq'},
@@ -245,6 +245,8 @@ def data_key(record):
     data = record.get('data')
     if data is None:
         return None
+    if isinstance(data, dict) and 'digest' not in data and isinstance(data.get('error'), str):
+        raise LeftOut(f'its data could not be identified when it started ({printable(data["error"])})')
     if (not isinstance(data, dict) or not isinstance(data.get('digest'), str)
             or not re.fullmatch(r'[0-9a-f]{64}', data['digest'])):
         raise LeftOut(f'{run_folder.OPTIONS_FILE}: "data" is not a data digest')
@@ -274,7 +276,8 @@ def run_is_training(run_dir):
 
 
 def last_checkpoint(run_dir):
-    """(iteration, finished) of the run's latest checkpoint; the weights are mapped, not read."""
+    """(iteration, finished, --num_iters or None) of the run's latest checkpoint; the weights
+    are mapped, not read."""
     path = os.path.join(run_dir, 'latest_checkpoint.pth')
     f = open_regular(path, 'latest_checkpoint.pth')
     if f is None:
@@ -291,7 +294,9 @@ def last_checkpoint(run_dir):
     it = ckpt.get('it') if isinstance(ckpt, dict) else None
     if not checkpoints.is_count(it):
         raise LeftOut('latest_checkpoint.pth holds no iteration number')
-    return it, ckpt.get('finished') is True
+    # What the run now trains to (a resume may have raised options.json's --num_iters).
+    target = getattr(ckpt.get('opt'), 'num_iters', None)
+    return it, ckpt.get('finished') is True, target if checkpoints.is_count(target) else None
 
 
 def dataset_metrics(dataset):
@@ -389,10 +394,10 @@ def read_run(run_dir, pick, notes):
     record, options = read_record(run_dir)
     if options.get('test_only') is not False:
         raise LeftOut('a --test_only evaluation, not a training run')
-    it, finished = last_checkpoint(run_dir)
+    it, finished, target = last_checkpoint(run_dir)
     if not finished:
         raise LeftOut(f'unfinished: its last checkpoint is at iteration {it} of '
-                      f'{printable(options.get("num_iters"))}')
+                      f'{printable(options.get("num_iters") if target is None else target)}')
     line = pick_line(tested_lines(run_dir, DATASET_METRICS[options['dataset']], notes),
                      options, pick, it)
     return {'dir': run_dir, 'options': options, 'data': data_key(record),
@@ -456,9 +461,9 @@ def title_part(name, value):
 
 def table_title(options, all_options, pick):
     """The dataset, then the options this table differs in from the others of its dataset (only
-    options that apply to the dataset are in `options`)."""
+    options that apply to the dataset are in `options`; the iterations are said after them)."""
     differing = sorted({k for other in all_options if other['dataset'] == options['dataset']
-                        for k in options if other.get(k) != options[k]})
+                        for k in options if other.get(k) != options[k]} - {'num_iters'})
     parts = [str(options.get('dataset'))] + [title_part(k, options.get(k)) for k in differing]
     picked = ('final test recalls' if pick == 'final'
               else f'the test with the best {tracked_metric(options)}')

@@ -8,10 +8,13 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import torch
 
 import checkpoints
+import data_identity
+import datasets
 import distributed
 import run_lock
 from experiment import UserError
@@ -143,10 +146,32 @@ def device_name(device):
     return device.type
 
 
+def initial_checkpoint(path):
+    """What a run trained from another checkpoint's weights started from: that file's content
+    digest (its path may change, its content is the experiment), kept in the run's options so
+    that a continuation in a new folder records it too."""
+    return {'path': os.path.abspath(path), 'digest': data_identity.file_digest(path)}
+
+
+def data_record(opt):
+    """What identifies the run's data (data_identity.py), computed once per dataset folder and
+    cached; a folder that cannot be identified is recorded as such (the run is then in no table
+    with others)."""
+    try:
+        return data_identity.cached_identity(opt.dataset, opt.dataset_path)
+    except (OSError, datasets.DatasetError) as e:
+        print(f'note: the data in {opt.dataset_path} could not be identified ({e}); '
+              f'results_table.py will not pool this run with others', file=sys.stderr)
+        return {'error': str(e)}
+
+
 def run_record(opt, device):
     """What options.json holds: every option and what else the numbers depend on."""
     commit, modified = project_version()
-    return {'options': {k: v for k, v in sorted(vars(opt).items()) if k != 'explicit_flags'},
+    return {'options': {k: v for k, v in sorted(vars(opt).items())
+                        if k not in ('explicit_flags', 'initial_checkpoint')},
+            'data': data_record(opt),
+            'initial_checkpoint': getattr(opt, 'initial_checkpoint', None),
             'explicit_flags': getattr(opt, 'explicit_flags', []),
             'seed': opt.seed, 'torch_version': torch.__version__,
             'project_version': commit, 'project_modified': modified,

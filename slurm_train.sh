@@ -9,8 +9,9 @@
 # (the --comment is set here).  Before the time limit, or when the job is preempted, SLURM sends
 # SIGTERM: main.py finishes its iteration, saves latest_checkpoint.pth and exits; this script
 # then requeues the job, which starts again under the same job id and resumes from that
-# checkpoint, in the same run folder.  A session that saved nothing new is not requeued (no
-# endless loop on a failing job), nor is a finished run.
+# checkpoint, in the same run folder (stopped during its final evaluation too: it then redoes
+# that test).  A session that saved nothing new is not requeued (no endless loop on a failing
+# job), nor is a finished run (its final test logged).
 #
 # Runs go to runs/ in the folder sbatch was called from.  Environment: TIRG_REPO (this
 # repository; default: that same folder, since SLURM runs a copy of this script), GPUS_PER_NODE
@@ -41,16 +42,16 @@ GPUS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 COMMENT="_slurm${JOB}"
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
 
-# "<it> <num_iters>" of a checkpoint, "0 0" when there is none yet.  An unreadable one is a line
+# "<it> <num_iters> <finished: 1 or 0>" of a checkpoint, "0 0 0" when there is none yet.  An unreadable one is a line
 # on stderr naming it, followed by $2 (what to do), and a failure.
 progress() {
-    if [ -z "$1" ]; then echo "0 0"; return; fi
+    if [ -z "$1" ]; then echo "0 0 0"; return; fi
     PYTHONPATH="$REPO" "$PYTHON" -c '
 import sys
 try:
     import checkpoints
     c = checkpoints.load(sys.argv[1])
-    print(int(c["it"]), int(c["opt"].num_iters))
+    print(int(c["it"]), int(c["opt"].num_iters), int(c.get("finished") is True))
 except Exception as e:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if not reason.startswith(sys.argv[1]):
@@ -86,8 +87,8 @@ checkpoint=$(latest_checkpoint)
 if ! now=$(progress "$checkpoint" "job $JOB is not requeued: move it away or put a readable checkpoint in its place, then submit the job again"); then
     exit $(( status != 0 ? status : 1 ))
 fi
-read -r it num_iters <<< "$now"
-if [ "$status" -ne 0 ] && [ -n "$checkpoint" ] && [ "$it" -lt "$num_iters" ] && [ "$it" -gt "$start_it" ]; then
+read -r it num_iters finished <<< "$now"
+if [ "$status" -ne 0 ] && [ -n "$checkpoint" ] && [ "$finished" -eq 0 ] && [ "$it" -gt "$start_it" ]; then
     echo "slurm_train.sh: stopped at iteration $it of $num_iters (exit $status); requeueing job $JOB"
     scontrol requeue "$JOB"
 fi

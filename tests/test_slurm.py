@@ -78,6 +78,38 @@ def test_sigterm_requeues_and_the_requeued_job_resumes_in_the_same_run_folder(cs
     assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'  # finished: not requeued
 
 
+# srun standing in for a session stopped (exit 143, SIGTERM) with its checkpoint at the end:
+# FINISHED=0 as when stopped during the final evaluation, FINISHED=1 after it.
+SRUN_STOPPED_AT_THE_END = """#!/bin/bash
+"$TIRG_PYTHON" - <<'PY'
+import argparse, os, torch
+os.makedirs('runs/x_slurm4242', exist_ok=True)
+torch.save({'it': 5, 'opt': argparse.Namespace(num_iters=5), 'model_state_dict': {},
+            'finished': os.environ['FINISHED'] == '1'}, 'runs/x_slurm4242/latest_checkpoint.pth')
+PY
+exit 143
+"""
+
+
+def test_a_job_stopped_during_its_final_evaluation_is_requeued_to_redo_it(tmp_path):
+    """Issue 23 item 1: a preempted job must always complete; its checkpoint is at the last
+    iteration, but the run is unfinished until its final test is logged."""
+    for finished, requeued in (('1', False), ('0', True)):
+        job = tmp_path / f'finished{finished}'
+        job.mkdir()
+        submit, env = slurm_env(job)
+        stub_srun(job, env, SRUN_STOPPED_AT_THE_END)
+        env['FINISHED'] = finished
+        result = subprocess.run(['bash', SCRIPT, '--num_iters=5'], cwd=job, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 143, result.stderr
+        log = job / 'scontrol.log'
+        assert log.exists() == requeued, (finished, result.stdout)
+        if requeued:
+            assert 'slurm_train.sh: stopped at iteration 5 of 5 (exit 143); requeueing job 4242' in result.stdout
+            assert log.read_text() == 'requeue 4242\n'
+
+
 def test_outside_sbatch_it_says_so(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
     result = subprocess.run(['bash', SCRIPT, '--num_iters=1'], cwd=tmp_path, env=env,

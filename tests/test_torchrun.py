@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, TINY, run_main
 
 import checkpoints
+import data_identity
 
 MAIN = os.path.join(REPO, 'main.py')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -45,6 +46,7 @@ def test_two_processes_train_one_experiment_and_test_only_gives_the_same_recalls
     # options.json: written by the first process alone, recording both processes.
     record = json.load(open(os.path.join(run_dir, 'options.json')))
     assert record['processes'] == 2 and record['seed'] == 1
+    assert record['data'] == data_identity.identify('css3d', css_root)  # the first process's
     assert not [n for n in os.listdir(run_dir) if n.endswith('.tmp')]
 
     single = run_main(['--test_only', f'--checkpoint={ckpt_path}', '--loader_num_workers=0',
