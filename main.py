@@ -19,14 +19,17 @@ from tqdm import tqdm
 
 import amp
 import checkpoints
+import cirr
 import datasets
 import distributed
+import fashioniq
 import img_text_composition_models
 import model_registry
 import retrieval_grid
 import run_folder
 import run_lock
 import sampling
+import shoes
 import test_retrieval
 from experiment import (DEFAULT_DATASET_PATH, UserError, add_photo_benchmark_flags,
                         adopt_checkpoint_architecture, adopt_checkpoint_dataset,
@@ -199,7 +202,6 @@ def prepare_options(opt):
         raise UserError('--test_split=test1: only with --dataset=cirr --test_only (CIRR\'s '
                         'evaluation-server files)')
     if opt.test_split == 'test1' and opt.skip_missing_images:
-        import cirr
         raise UserError(cirr.SKIPPED_TEST1)
     check_css_query_images(opt)
     run_folder.check_writable_folders(opt)
@@ -252,11 +254,6 @@ def decay_learning_rate(opt, optimizer, it):
 
 
 # The training loop.
-def autocast(opt, device):
-    """The forward pass's context: bfloat16 autocast where experiment.choose_precision chose it."""
-    return amp.autocast(opt.precision, device.type)
-
-
 class TrainingStopped(Exception):
     pass
 
@@ -270,7 +267,7 @@ def train_one_iteration(opt, model, optimizer, batch, device):
     # A batch fitted to a small training set may not divide by the processes (fit_batch_size).
     rows = distributed.slice_rows(opt.batch_size)
     uneven = {'slice_rows': rows} if len(set(rows)) > 1 else {}
-    with autocast(opt, device):
+    with amp.autocast(opt.precision, device.type):  # as experiment.choose_precision chose
         loss = model(source, batch['mod_str'], target, soft_triplet_loss=opt.loss == 'soft_triplet',
                      **uneven)
     loss_value = float(loss.detach())
@@ -427,15 +424,9 @@ def save_after_interrupt(run, progress):
 # Evaluation.
 def evaluate_split(opt, model, dataset, features=None):
     """[(metric name, recall)] of one split, by the dataset's own protocol."""
-    if opt.dataset == 'fashioniq' and dataset.get_test_queries():
-        import fashioniq
-        return fashioniq.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
-    if opt.dataset == 'cirr' and dataset.get_test_queries():
-        import cirr
-        return cirr.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
-    if opt.dataset == 'shoes' and dataset.get_test_queries():
-        import shoes
-        return shoes.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
+    if opt.dataset in ('fashioniq', 'cirr', 'shoes') and dataset.get_test_queries():
+        protocol = {'fashioniq': fashioniq, 'cirr': cirr, 'shoes': shoes}[opt.dataset]
+        return protocol.evaluate(model, dataset, opt.batch_size, opt.loader_num_workers, opt.precision)
     return test_retrieval.test(opt, model, dataset, features=features)
 
 
@@ -464,7 +455,6 @@ def test_only(run):
     dataset = run['testset'] if opt.test_split != 'train' else run['trainset']
     it = getattr(opt, 'checkpoint_it', 0)
     if opt.test_split == 'test1':
-        import cirr
         cirr.write_test1_submission(run['model'], dataset, opt.batch_size, opt.loader_num_workers,
                                     run['dir'], opt.precision)
         return 0

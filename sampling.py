@@ -11,7 +11,8 @@ import datasets
 import distributed
 from experiment import UserError
 
-# EpochBatchSampler seeds each epoch with seed * SEED_STRIDE + epoch, which must fit in 64 bits.
+# EpochBatchSampler seeds each epoch with seed * SEED_STRIDE + epoch, which must fit in 64 bits
+# (main.MAX_SEED keeps it so).
 SEED_STRIDE = 1000003
 
 
