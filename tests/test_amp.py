@@ -377,3 +377,42 @@ def test_amp_on_the_bfloat16_path_trains_resumes_and_tests_with_float32_weights(
     results = read_json(os.path.join(only_run_folder(tmp_path, '_f32test'), 'test_results.json'))
     assert results['precision'] == 'float32'
     assert all(0 <= v <= 1 for v in results['metrics'].values())
+
+
+def test_every_process_takes_the_first_process_decision(monkeypatch, capsys):
+    """Under torchrun each process decides on its own machine, then all compute as the first."""
+    import argparse
+    import distributed
+    import experiment
+    monkeypatch.setattr(amp, 'cpu_has_native_bf16', lambda: False)  # this process: float32
+    monkeypatch.delenv('TIRG_CPU_BF16', raising=False)
+    sent = []
+
+    def from_first_process(decision):
+        sent.append(decision)
+        return ('bfloat16', None)  # the first process has native bfloat16
+    monkeypatch.setattr(distributed, 'broadcast_object', from_first_process)
+    opt = argparse.Namespace(amp=True)
+    experiment.choose_precision(opt, torch.device('cpu'))
+    assert sent == [('float32', NO_NATIVE)]
+    assert opt.precision == 'bfloat16'
+    assert capsys.readouterr().out == ''
+
+
+def test_under_torchrun_the_notice_is_one_line_and_the_run_records_its_precision(small_css, tmp_path):
+    import glob
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    env = dict(os.environ, OMP_NUM_THREADS='1', TIRG_CPU_BF16='0')
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         os.path.join(REPO, 'main.py')] + amp_command(small_css, '--amp', '--num_iters=1',
+                                                      '--batch_size=4'),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('--amp: TIRG_CPU_BF16=0: computing in float32 on the CPU') == 1
+    (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*'))
+    record = read_json(os.path.join(run_dir, 'options.json'))
+    assert record['processes'] == 2 and record['options']['precision'] == 'float32'
