@@ -22,7 +22,8 @@
 #   PYTHON [python3]  PARITY_ITERS [400]  PARITY_BASE_SCENES [150]  PARITY_SEEDS [1 2 3]
 #   TIMING_ITERS [16]  F200K_TRAIN [600]  F200K_TEST [300]  F200K_SAMPLED [256] (train-split
 #   examples the final test samples)  DEADLINE_S [500]: runs still going then are interrupted
-#   (they save and stop) so that the summary is written in time.  AMP_WORK: scratch folder.
+#   (they save and stop) so that the summary is written in time.  BENCH_AMP_ARGS: more flags for
+#   bench.py --only amp (--amp_sizes 32 for a smoke run).  AMP_WORK: scratch folder.
 #
 # Estimated on a 2-core CPU with native bfloat16 (issue 25's step times, TIRG's 1.2x over a bare
 # ResNet-18): a float32 parity run is ~0.47 s an iteration plus ~36 s per evaluation of both
@@ -41,6 +42,7 @@ F200K_TRAIN=${F200K_TRAIN:-600}
 F200K_TEST=${F200K_TEST:-300}
 F200K_SAMPLED=${F200K_SAMPLED:-256}
 DEADLINE_S=${DEADLINE_S:-500}
+BENCH_AMP_ARGS=${BENCH_AMP_ARGS:-}
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${AMP_WORK:-$(mktemp -d /tmp/amp_parity.XXXXXX)}
@@ -253,18 +255,19 @@ seconds() { "$PYTHON" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.ar
 
 bench_done=0
 while :; do
-    running=0
-    for name in "${!PIDS[@]}"; do finished "$name" || running=$((running + 1)); done
-    [ $running = 0 ] && break
     if [ $bench_done = 0 ] && finished timing_float32 && finished timing_amp; then
         bench_done=1
-        if "$PYTHON" bench.py --help 2>/dev/null | grep -q "amp"; then
-            (pinned "$(core_pair 0)" "$PYTHON" bench.py --only amp --device cpu --threads 2 \
+        if "$PYTHON" bench.py --help 2>/dev/null | grep -q -- "--amp_sizes"; then
+            # shellcheck disable=SC2086  # BENCH_AMP_ARGS: words
+            (pinned "$(core_pair 0)" "$PYTHON" bench.py --only amp --device cpu --threads 2 $BENCH_AMP_ARGS \
                 > "$LOGS/bench_amp.log" 2>&1 &
              echo $! > "$LOGS/bench_amp.pid"; wait $!; echo $? > "$LOGS/bench_amp.rc") &
             PIDS[bench_amp]=$!
         fi
     fi
+    running=0
+    for name in "${!PIDS[@]}"; do finished "$name" || running=$((running + 1)); done
+    [ $running = 0 ] && break
     if [ "$(elapsed)" -ge "$DEADLINE_S" ]; then
         say ""
         say "Deadline ($DEADLINE_S s): interrupting the runs still going (they save and stop):"
@@ -320,8 +323,8 @@ for name in "${PARITY[@]}"; do
 done
 say ""
 "$PYTHON" results_table.py "$WORK/parity/runs" --format=markdown > "$LOGS/results_table.md" 2> "$LOGS/results_table.err"
-cat "$LOGS/results_table.md" >> "$SUMMARY"
-sed 's/^/    /' "$LOGS/results_table.err" >> "$SUMMARY"
+tee -a "$SUMMARY" < "$LOGS/results_table.md"
+sed 's/^/    /' "$LOGS/results_table.err" | tee -a "$SUMMARY"
 say ""
 say "Test R@1 (%) at every iteration each run evaluated, mean ± std over the seeds:"
 say ""
