@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -115,7 +116,6 @@ def run_main(args, cwd, timeout=600, env=None, subprocess=False):
         env = dict(os.environ if env is None else env, OMP_NUM_THREADS='1')
         return sp.run([sys.executable, os.path.join(REPO, 'main.py')] + list(args), cwd=cwd,
                       capture_output=True, text=True, timeout=timeout, env=env)
-    import contextlib
     import io
     import types
     import main
@@ -130,6 +130,43 @@ def run_main(args, cwd, timeout=600, env=None, subprocess=False):
     finally:
         os.chdir(previous)
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def small_photo_transform():
+    """datasets.photo_transform at 64 px instead of 224: ResNet pools globally, so the pipeline
+    is otherwise unchanged, at a twelfth of the arithmetic.  For tests of protocols, flags and
+    files; tests/test_reference_constants.py checks the 224 px transform itself, and that every
+    photo dataset's run reads its images through it."""
+    import torchvision.transforms as T
+    import datasets
+    return T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(),
+                      T.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)])
+
+
+@contextlib.contextmanager
+def small_photos():
+    """datasets.photo_transform is small_photo_transform inside (main.main, retrieve.py and the
+    datasets a test builds in this process; not a subprocess)."""
+    import datasets
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets, 'photo_transform', small_photo_transform)
+        yield
+
+
+def small_photos_main(folder):
+    """The path of a script, written into `folder`, that runs main.py with small_photo_transform:
+    for a command that must start its own interpreters (torchrun)."""
+    path = os.path.join(str(folder), 'main_small_photos.py')
+    with open(path, 'w') as f:
+        f.write(f"""import sys
+sys.path[:0] = [{REPO!r}, {os.path.join(REPO, 'tests')!r}]
+import conftest
+import datasets
+datasets.photo_transform = conftest.small_photo_transform
+import main
+sys.exit(main.main())
+""")
+    return path
 
 
 TINY = ['--dataset=css3d', '--batch_size=4', '--embed_dim=16', '--loader_num_workers=0',

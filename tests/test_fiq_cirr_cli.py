@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from conftest import small_photos
 from fiq_cirr_fixtures import cirr_layout, fiq_layout, write_cirr, write_fiq
 
 import fashioniq
@@ -45,8 +46,11 @@ def run_main(args, capsys):
 
 
 @pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
+def in_tmp_path_with_small_photos(tmp_path, monkeypatch):
+    """Photos at 64 px (conftest.small_photos): what is tested here is the protocols and files."""
     monkeypatch.chdir(tmp_path)
+    with small_photos():
+        yield
 
 
 def train(tmp_path, capsys, dataset, root, comment):

@@ -51,6 +51,33 @@ def test_photo_transform_is_resize_224_centre_crop_224_then_normalise(size, resi
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def write_photo_dataset(dataset, root):
+    from fiq_cirr_fixtures import cirr_layout, fiq_layout, write_cirr, write_fiq
+    from shoes_fixtures import small_lists, write_shoes
+    from test_fashion200k import write_fashion_fixture
+    from test_mitstates import write_mitstates_fixture
+    writers = {'fashion200k': write_fashion_fixture, 'mitstates': write_mitstates_fixture,
+               'fashioniq': lambda r: write_fiq(r, fiq_layout()),
+               'cirr': lambda r: write_cirr(r, cirr_layout()),
+               'shoes': lambda r: write_shoes(r, *small_lists())}
+    writers[dataset](root)
+
+
+@pytest.mark.parametrize('dataset', ['fashion200k', 'mitstates', 'fashioniq', 'cirr', 'shoes'])
+def test_every_photo_dataset_is_read_through_the_photo_transform(dataset, tmp_path):
+    """The run's datasets (experiment.load_dataset, as main.py and retrieve.py build them) give
+    224 x 224 images from fixtures of small photos, in both splits.  The end-to-end tests of these
+    datasets run at 64 px (conftest.small_photos) and so rely on this one."""
+    import experiment
+    import main
+    root = str(tmp_path / dataset)
+    write_photo_dataset(dataset, root)
+    opt = main.parse_opt([f'--dataset={dataset}', f'--dataset_path={root}', '--img_weights=none'])
+    for split in experiment.load_dataset(opt):
+        img = split.get_img(0)
+        assert tuple(img.shape) == (3, 224, 224), (split.split, tuple(img.shape))
+
+
 def test_text_encoder_dropout_is_0_1_before_its_linear_layer():
     """In training mode: the LSTM's output at the last token, dropout at rate 0.1 (the surviving
     values scaled by 1 / 0.9), then the linear layer.  The same random stream on both sides, so

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from conftest import small_photos
 from fiq_cirr_fixtures import cirr_layout, fiq_layout, write_cirr, write_fiq
 from test_retrieve import ranked_lines, run_retrieve
 
@@ -18,6 +19,14 @@ import datasets
 import fashioniq
 import img_text_composition_models
 import retrieve
+
+
+@pytest.fixture(scope='module', autouse=True)
+def with_small_photos():
+    """Photos at 64 px (conftest.small_photos), for the module's checkpoints and every test:
+    what is tested here is the ranking."""
+    with small_photos():
+        yield
 
 
 def save_tirg_checkpoint(path, dataset_name, root, trainset, **saved_flags):

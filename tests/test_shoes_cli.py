@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_scalars
+from conftest import read_scalars, small_photos, small_photos_main
 from shoes_fixtures import LAYOUTS, larger_lists, write_shoes
 
 import datasets
@@ -25,8 +25,11 @@ NAMES = ['recall_top1', 'recall_top10', 'recall_top50', 'recall_mean']
 
 
 @pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
+def in_tmp_path_with_small_photos(tmp_path, monkeypatch):
+    """Photos at 64 px (conftest.small_photos): what is tested here is the protocol."""
     monkeypatch.chdir(tmp_path)
+    with small_photos():
+        yield
 
 
 def run_main(args, capsys):
@@ -287,12 +290,11 @@ def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
 def test_two_torchrun_processes_train_and_test_as_one(tmp_path, capsys):
     import subprocess
     import sys
-    from conftest import REPO
     train_names, eval_names, triplets = larger_lists()
     root = tmp_path / 'shoes'
     write_shoes(str(root), train_names, eval_names, triplets, layout='attributedata')
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               os.path.join(REPO, 'main.py')] + SMALL + [
+               small_photos_main(tmp_path)] + SMALL + [
         '--dataset=shoes', f'--dataset_path={root}', '--num_iters=4', '--comment=shoes_ddp']
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
