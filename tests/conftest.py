@@ -175,14 +175,25 @@ TINY = ['--dataset=css3d', '--batch_size=4', '--embed_dim=16', '--loader_num_wor
 
 def pytest_configure(config):
     """The test machines share a few cores; torch's default of one OpenMP thread per core spins
-    against the other processes and makes small CPU forward passes ~10x slower.  One thread.
+    against the other processes (pytest-xdist's other worker among them) and makes small CPU
+    forward passes ~10x slower.  One thread, here and in the interpreters the tests start.
     Dataset identities (data_identity.py) are cached in a folder of the test session's own, not
     in the user's cache."""
     if 'TIRG_CACHE_DIR' not in os.environ:
         import tempfile
         os.environ['TIRG_CACHE_DIR'] = tempfile.mkdtemp(prefix='tirg-test-cache-')
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
     try:
         import torch
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (each worker collects, and all must agree on the order): the tests
+    marked slow first, so that the workers finish together on short tests instead of one waiting
+    for the other's last long run.  Without xdist the order stays pytest's, each module's tests
+    together (module-scoped fixtures are built once)."""
+    if hasattr(config, 'workerinput'):
+        items.sort(key=lambda item: item.get_closest_marker('slow') is None)

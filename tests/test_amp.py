@@ -179,6 +179,7 @@ def test_bfloat16_runs_the_encoders_and_the_loss_gets_float32():
     assert loss16.item() != loss32.item()
 
 
+@pytest.mark.slow
 def test_weights_gradients_and_optimizer_state_stay_float32_under_bfloat16():
     model = tiny_tirg()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -17,6 +17,9 @@ import main
 import model_registry
 import retrieve
 
+# pytest-xdist: one worker runs them all, building the module-scoped ResNet-50 run and models once.
+pytestmark = pytest.mark.xdist_group('test_backbone')
+
 LAYOUT_CANDIDATES = [
     os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                  'shared', 'reference', 'state_dict_layout.json'),
@@ -65,6 +68,7 @@ def lastconv50():
     return itcm.TIRGLastConv(TEXTS, E, pretrained=False, backbone='resnet50')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(model_registry.MODELS))
 def test_every_model_on_resnet50_has_a_2048_to_E_fc_and_composers_at_E(name, request):
     texts = ADJECTIVES if name == 'attribute_operator' else TEXTS  # it composes single words
@@ -112,6 +116,7 @@ def test_resnet18_given_explicitly_keeps_the_reference_layout(name):
     assert model.img_channels == 512
 
 
+@pytest.mark.slow
 def test_tirg_lastconv_on_resnet50_composes_the_2048_channel_map(lastconv50):
     model = lastconv50
     with torch.no_grad():
@@ -167,6 +172,7 @@ def resnet50_run(tmp_path_factory):
             'resumed': resumed}
 
 
+@pytest.mark.slow
 def test_resnet50_trains_saves_resumes_and_test_only_repeats_the_final_test(resnet50_run):
     r = resnet50_run
     assert 'Resuming at iteration 2' in r['resumed'].stdout
@@ -190,6 +196,7 @@ def test_resnet50_trains_saves_resumes_and_test_only_repeats_the_final_test(resn
     assert tested['it'] == 3 and tested['metrics'] == final
 
 
+@pytest.mark.slow
 def test_a_resnet50_run_resumed_with_another_backbone_is_refused(resnet50_run):
     r = resnet50_run
     changed = [a.replace('resnet50', 'resnet18') for a in r['command']]
@@ -200,6 +207,7 @@ def test_a_resnet50_run_resumed_with_another_backbone_is_refused(resnet50_run):
     assert torch.load(r['ckpt'], weights_only=False)['it'] == 3
 
 
+@pytest.mark.slow
 def test_a_resnet50_checkpoint_with_resnet18_given_names_both(resnet50_run):
     r = resnet50_run
     before = os.listdir(os.path.join(r['cwd'], 'runs'))
@@ -211,6 +219,7 @@ def test_a_resnet50_checkpoint_with_resnet18_given_names_both(resnet50_run):
     assert os.listdir(os.path.join(r['cwd'], 'runs')) == before
 
 
+@pytest.mark.slow
 def test_retrieve_takes_the_backbone_from_the_checkpoint(resnet50_run, capsys):
     r = resnet50_run
     base = [f'--checkpoint={r["ckpt"]}', '--query_index=0', '--topk=3', '--no_cache',
@@ -353,6 +362,7 @@ def test_the_cache_file_names_are_those_torchvision_downloads_to():
 # ---------------------------------------------------------------------------------------------
 # Shoes
 
+@pytest.mark.slow
 def test_resnet50_on_shoes_trains_resumes_and_test_only_repeats_the_final_test(tmp_path, monkeypatch):
     import torchvision.transforms as T
     import datasets

@@ -16,6 +16,7 @@ import model_registry
 from benchmarks import data, loss, retrieval
 
 
+@pytest.mark.slow
 def test_quick_run_prints_every_section_with_ratios(tmp_path):
     out = tmp_path / 'bench.json'
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -210,6 +211,7 @@ def test_the_json_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert os.listdir(str(tmp_path)) == ['out.json']
 
 
+@pytest.mark.slow
 def test_bench_cli_with_a_bad_device_is_one_line_exit_1():
     result = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--device=bogus'],
                             capture_output=True, text=True, timeout=120)
@@ -217,6 +219,7 @@ def test_bench_cli_with_a_bad_device_is_one_line_exit_1():
     assert result.stderr == 'bench.py: --device=bogus: expected cpu or cuda[:N]\n'
 
 
+@pytest.mark.slow
 def test_a_real_shoes_tree_is_timed_and_a_bad_one_is_a_one_line_exit(tmp_path, capsys):
     from shoes_fixtures import small_lists, write_shoes
     train, evaluation, triplets = small_lists()

@@ -12,6 +12,9 @@ from conftest import TINY, run_main, write_css_fixture
 import main
 import retrieve
 
+# pytest-xdist: one worker runs them all, building the module-scoped trained checkpoint once.
+pytestmark = pytest.mark.xdist_group('test_checkpoint_options')
+
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):

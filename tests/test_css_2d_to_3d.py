@@ -118,6 +118,7 @@ def test_the_retrieval_test_encodes_drawn_queries_against_the_png_gallery(png_ro
     assert features['exclude'].tolist() == [q['source_img_id'] for q in queries]
 
 
+@pytest.mark.slow
 def test_cli_trains_2d_to_3d_and_test_only_adopts_it_from_the_checkpoint(png_root, tmp_path, monkeypatch):
     root, data = png_root
     shown = []  # the query pictures of tensorboard's 'retrieval examples'
@@ -159,6 +160,7 @@ def test_cli_trains_2d_to_3d_and_test_only_adopts_it_from_the_checkpoint(png_roo
     assert '--css_query_images=3d' in line and '--css_query_images=2d' in line
 
 
+@pytest.mark.slow
 def test_retrieve_encodes_and_shows_the_drawn_query(png_root, tmp_path, capsys):
     root, data = png_root
     result = run_main(TINY + [f'--dataset_path={root}', '--num_iters=2', '--comment=_r',

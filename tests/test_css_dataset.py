@@ -762,6 +762,7 @@ for place, make in PLACES.items():
 '''
 
 
+@pytest.mark.slow
 def test_a_small_file_of_shared_references_is_one_line_fast(tmp_path):
     root = str(tmp_path / 'shared')
     result = subprocess.run([sys.executable, '-c', SHARED_REFERENCES, ROOT, root],
@@ -784,6 +785,7 @@ def test_a_small_file_of_shared_references_is_one_line_fast(tmp_path):
     assert 'cannot read CSS data (refusing numpy.dtype of list (expected a type code))' in found['a dtype']
 
 
+@pytest.mark.slow
 def test_a_file_of_shared_references_through_main_is_one_line(tmp_path):
     from conftest import TINY, run_main
     root = tmp_path / 'shared'

@@ -87,6 +87,7 @@ def test_an_images_size_is_part_of_the_identity_not_its_content(tmp_path):
     assert data_identity.identify('fashioniq', original)['images'] != first['images']
 
 
+@pytest.mark.slow
 def test_hidden_files_fifos_and_the_generators_manifest_are_not_data(tmp_path):
     """A FIFO named like an annotation file is never opened (that would wait for ever)."""
     original = write_dataset('shoes', str(tmp_path / 'a'))

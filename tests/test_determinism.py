@@ -66,6 +66,7 @@ def recorded_run(tmp_path, monkeypatch, name, flags):
     return path
 
 
+@pytest.mark.slow
 def test_every_iteration_has_the_same_examples_for_any_processes_workers_and_resume(
         css_root, tmp_path, monkeypatch):
     """36 training images, batch 8: 4 iterations an epoch; 6 iterations cross an epoch."""
@@ -190,6 +191,7 @@ def torchrun_main(args, cwd, record):
                           cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_a_fitted_batch_is_the_same_with_two_processes_and_resumes_from_the_users_value(
         tmp_path, monkeypatch):
     """Issue 18.9 and 17.2: 9 training images, --batch_size=32: one batch of all 9 an epoch

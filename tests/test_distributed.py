@@ -14,6 +14,10 @@ from conftest import REPO
 import distributed
 import distributed_checks as checks
 
+# A torchrun of 2 processes (the module-scoped fixture) for all of them: one worker under
+# pytest-xdist builds it once; the quick tier leaves the module out.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_distributed')]
+
 WORLD = 2
 LOSSES = {'soft_triplet': True, 'batch_based_classification': False}
 

@@ -407,6 +407,7 @@ def assert_one_line_error(result, path):
     assert 'Traceback' not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_cli_without_test_queries_is_a_one_line_error(fashion_root, tmp_path):
     os.remove(os.path.join(fashion_root, 'test_queries.txt'))
     result = run_main(TINY + [f'--dataset_path={fashion_root}'], cwd=str(tmp_path))
@@ -425,6 +426,7 @@ def test_cli_with_a_missing_image_is_a_one_line_error(fashion_root, tmp_path, mo
     assert not os.path.exists(tmp_path / 'runs')
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_the_same_losses(fashion_root, tmp_path):
     args = TINY + [f'--dataset_path={fashion_root}', '--seed=3', '--loader_num_workers=2',
                    '--num_iters=4']

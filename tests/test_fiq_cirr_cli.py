@@ -83,6 +83,7 @@ def printed(stdout, split):
     return values
 
 
+@pytest.mark.slow
 def test_fashioniq_trains_saves_and_tests_under_both_protocols(tmp_path, capsys):
     root = tmp_path / 'fiq'
     # Dress's split gallery (24 names) is twice its val-protocol gallery (12).
@@ -117,6 +118,7 @@ def test_fashioniq_trains_saves_and_tests_under_both_protocols(tmp_path, capsys)
     assert dress['metrics']['recall_top10_dress'] == split['metrics']['recall_top10_dress']
 
 
+@pytest.mark.slow
 def test_cirr_trains_tests_and_writes_the_test1_submission(tmp_path, capsys):
     root = tmp_path / 'cirr'
     layout = write_cirr(str(root), cirr_layout())

@@ -20,6 +20,9 @@ from fiq_cirr_fixtures import cirr_layout, fiq_layout, triplet, write_cirr, writ
 import datasets
 import main
 
+# pytest-xdist: one worker runs them all, building the module-scoped FashionIQ and CIRR runs once.
+pytestmark = pytest.mark.xdist_group('test_fiq_cirr_runs')
+
 COMMON = ['--embed_dim=16', '--img_weights=none', '--loader_num_workers=0', '--seed=2',
           '--num_iters=8', '--batch_size=64']
 EVALUATED_AT = [1, 4, 7, 8]
@@ -82,6 +85,7 @@ def cirr_run(in_small_photos):
     return only_run_folder(in_small_photos, '_cirr')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('run, tracked', [('fiq_run', 'test recall_mean'), ('cirr_run', 'test recall_avg')])
 def test_best_checkpoint_holds_the_best_logged_value_of_the_tracked_recall(request, run, tracked):
     """SPEC 2.4 / 2.5: FashionIQ's best checkpoint tracks recall_mean, CIRR's recall_avg."""
@@ -98,6 +102,7 @@ def test_best_checkpoint_holds_the_best_logged_value_of_the_tracked_recall(reque
     assert best_ckpt['best_recall'] == pytest.approx(best, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_skipped_missing_images_are_recorded_in_the_checkpoints_options(fiq_run):
     _, layout, folder = fiq_run
     train_missing, val_missing = FIQ_MISSING
@@ -116,6 +121,7 @@ def test_skipped_missing_images_are_recorded_in_the_checkpoints_options(fiq_run)
         assert load(os.path.join(folder, name))['opt'].skipped_missing_images == expected
 
 
+@pytest.mark.slow
 def test_test_only_with_the_checkpoint_adopts_its_category_and_protocol(fiq_run, in_small_photos):
     """No --fiq_category nor --fiq_protocol: the run's dress and val, with its dataset folder or
     another one given; the recalls are those logged at the best iteration."""

@@ -32,6 +32,7 @@ def load_full(path):
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_creates_run_folder_checkpoint_and_scalars(css_root, tmp_path):
     result = run_main(['--dataset=css3d', f'--dataset_path={css_root}', '--num_iters=7',
                        '--batch_size=4', '--embed_dim=32', '--loader_num_workers=0',
@@ -82,6 +83,7 @@ def test_data_folder_without_css_file_names_the_file(tmp_path):
     assert datasets.CSS_DATA_FILE in result.stderr and 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(css_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = TINY + [f'--dataset_path={css_root}', '--seed=5']
@@ -171,6 +173,7 @@ def test_checkpoint_of_another_model_names_the_difference(css_root, tmp_path):
     assert 'missing' in result.stderr
 
 
+@pytest.mark.slow
 def test_test_only_uses_the_checkpoint_vocabulary_after_texts_change(tmp_path, monkeypatch):
     root = str(tmp_path / 'css')
     write_css_fixture(root)
@@ -192,6 +195,7 @@ def test_test_only_uses_the_checkpoint_vocabulary_after_texts_change(tmp_path, m
     assert os.path.isfile(os.path.join(eval_dir, 'test_results.json'))
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_everything_to_continue(css_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main.main(TINY + [f'--dataset_path={css_root}', '--num_iters=2', '--comment=_c']) == 0
@@ -227,6 +231,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(css_root, tmp_path):
     assert result.returncode == 1 and str(path) in result.stderr and 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path, workers):
     # A terminal's Ctrl-C signals the whole process group, DataLoader workers included.
@@ -253,6 +258,7 @@ def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path
     assert checkpoints.load(ckpt_path)['it'] > 0
 
 
+@pytest.mark.slow
 def test_sigint_during_a_retrieval_test_saves_at_once_and_resume_redoes_it(css_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     real_test = main.test_retrieval.test

@@ -255,6 +255,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     out_dir = tmp_path / 'out'
     r = run_cli(str(out_dir), '--base_scenes', '20')
@@ -267,6 +268,7 @@ def test_cli(tmp_path):
     assert load(str(out_dir)) == d
 
 
+@pytest.mark.slow
 def test_cli_errors(tmp_path):
     a_file = tmp_path / 'file'
     a_file.write_text('x')
@@ -371,6 +373,7 @@ def test_an_empty_existing_folder_is_written(tmp_path):
     assert sorted(os.listdir(root)) == ['.make_css_dataset.json', DATA_FILE]
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_folder_with_a_dataset_and_overwrites_its_own(tmp_path):
     root = str(tmp_path / 'css3d')
     before = real_dataset(root)
@@ -465,6 +468,7 @@ def small_default_generator(monkeypatch):
                         functools.partial(mcd.generate_css_dataset, base_scenes=4, mods_per_split=4))
 
 
+@pytest.mark.slow
 def test_a_generator_killed_while_writing_leaves_nothing_that_stops_main(tmp_path, monkeypatch, capsys):
     import signal
     import experiment

@@ -222,6 +222,7 @@ def test_unreadable_image_is_an_error_at_test_time_and_redrawn_in_training(mit_r
 
 # --- Command line -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_training_with_a_corrupt_jpeg_finishes_and_names_it_once(tmp_path):
     # One noun, four images: the corrupt one is drawn for sure.
     root = write_mitstates_fixture(str(tmp_path / 'm'), {

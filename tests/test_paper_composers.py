@@ -371,6 +371,7 @@ def test_batch_of_one_in_eval_and_any_image_size(name):
             assert out.shape == (1, DIM) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_models_reading_the_layer4_map_take_its_channels_from_a_resnet50_encoder():
     """C = 2048 under --img_backbone=resnet50: no 512 hard-coded."""
     torch.manual_seed(0)
@@ -390,6 +391,7 @@ def test_models_reading_the_layer4_map_take_its_channels_from_a_resnet50_encoder
                                    film_formula(film, imgs, TEXTS[:2]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_new_model_trains_under_torchrun_and_the_processes_agree(tmp_path):
     """DistributedDataParallel: attribute_operator's unused text encoder must be declared (it
     fails at the second iteration otherwise), and both processes end with the same weights."""

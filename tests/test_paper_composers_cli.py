@@ -58,6 +58,7 @@ def metric_lines(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, dataset', CASES)
 def test_trains_resumes_with_the_original_command_and_test_only_repeats_the_final_test(
         name, dataset, tmp_path):
@@ -108,6 +109,7 @@ def test_attribute_operator_on_another_dataset_is_one_line_and_no_run_folder(dat
     assert not os.path.exists(tmp_path / 'runs')
 
 
+@pytest.mark.slow
 def test_attribute_operator_trains_on_mit_states_with_a_non_ascii_adjective(tmp_path):
     """Issue 23 item 18: 'ç' tokenises to no word (non-ASCII letters are dropped): it has no
     operator, its queries are their image's feature; the run is neither refused nor broken."""
@@ -130,6 +132,7 @@ def test_attribute_operator_trains_on_mit_states_with_a_non_ascii_adjective(tmp_
     assert index[1 + vocab.index('apple')] == -1  # 'ç apple' gives its noun none
 
 
+@pytest.mark.slow
 def test_an_attribute_operator_checkpoint_in_retrieve_py_and_on_sentences(tmp_path, capsys):
     root = write_dataset('mitstates', str(tmp_path / 'mitstates'))
     result = run_main(SMALL + ['--dataset=mitstates', f'--dataset_path={root}',

@@ -85,6 +85,7 @@ def run_retrieve(argv, capsys):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_cli_after_training_prints_topk_and_writes_a_picture(tmp_path, monkeypatch):
     root = str(tmp_path / 'css')
     write_css_fixture(root, pngs=True)
@@ -181,6 +182,7 @@ def count_gallery_computations(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_second_query_reads_cached_gallery_features(tmp_path, capsys, monkeypatch):
     root = str(tmp_path / 'css')
     write_css_fixture(root, num_scenes=100)  # 300 test images, drawn in 2D
@@ -256,6 +258,7 @@ def test_a_gallery_image_overwritten_in_place_is_not_read_from_the_cache(tmp_pat
     assert after[a] == pytest.approx(before[b], abs=1e-5)  # image a now looks like image b
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_cache_still_prints_the_results(tmp_path, capsys):
     from test_checkpoints import file_size_limit
     root = str(tmp_path / 'css')
@@ -318,6 +321,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, case):
     assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
 
 
+@pytest.mark.slow
 def test_training_logs_retrieval_examples_to_tensorboard(tmp_path, monkeypatch):
     root = str(tmp_path / 'css')
     write_css_fixture(root, pngs=True)
@@ -424,6 +428,7 @@ def test_released_format_checkpoint_without_vocabulary(tmp_path, capsys):
     assert os.path.isdir(os.path.join(str(tmp_path), 'feature_cache'))
 
 
+@pytest.mark.slow
 def test_a_relative_dataset_folder_that_is_not_here_is_an_error_not_the_default(tmp_path):
     """The checkpoint names data/css relative to where training ran; from another folder that
     holds ./data/css_synth (the default dataset), retrieve.py says so instead of ranking it."""
@@ -580,6 +585,7 @@ finally:
 '''
 
 
+@pytest.mark.slow
 def test_relationship_on_a_2048_pixel_css_query_stays_within_4_gb(tmp_path):
     """Issue 23 item 11: relationship's pairs of layer4 cells at 2048 x 2048 pixels would need
     a 34 GB allocation; brought to the gallery's 64 x 64 the query needs no more than a small one."""

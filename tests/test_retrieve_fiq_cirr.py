@@ -69,6 +69,7 @@ def fiq(tmp_path_factory):
     return root, ckpt, model, fashioniq.FashionIQ(root, 'test', transform)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('protocol', ['split', 'val'])
 def test_a_fashioniq_query_ranks_its_category_gallery_as_its_protocol_does(fiq, capsys, protocol):
     """split: the candidate ranked with the others; val: one query per caption, the candidate
@@ -116,6 +117,7 @@ def test_a_val_protocol_checkpoint_is_ranked_by_its_protocol(fiq, capsys, tmp_pa
     assert toptee[1]['candidate'] not in [line.caption for line in ranked_lines(out)]
 
 
+@pytest.mark.slow
 def test_a_fashioniq_gallery_file_as_query_is_kept_and_the_cache_is_per_protocol(fiq, capsys, tmp_path):
     root, ckpt, model, testset = fiq
     source = testset.name_to_id['dress_v7']
@@ -158,6 +160,7 @@ def cirr_tree(tmp_path_factory):
     return root, ckpt, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('split', ['test', 'test1'])
 def test_a_cirr_query_leaves_its_reference_out_and_ranks_its_image_set(cirr_tree, capsys, split):
     root, ckpt, model = cirr_tree

@@ -32,6 +32,7 @@ def folder_state(run_dir):
     return {name: os.path.getsize(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
 
 
+@pytest.mark.slow
 def test_two_resumes_of_one_run_at_once_one_trains_the_other_names_it(css_root, tmp_path):
     base = TINY + [f'--dataset_path={css_root}', '--seed=5', '--comment=_lock']
     assert run_main(base + ['--num_iters=2'], cwd=tmp_path).returncode == 0
@@ -131,6 +132,7 @@ KILLED_AT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('moment, num_iters, logged, saved_it, final', [
     ('after a metrics line', 12, [9], 0, [9, 12]), ('before the finished save', 5, [5], 5, [5])])
 def test_a_resume_after_kill_9_writes_each_evaluation_once(css_root, tmp_path, moment, num_iters,
@@ -167,6 +169,7 @@ def test_only_the_lines_after_the_checkpoint_are_dropped(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A completely full disk (item 10)
 
+@pytest.mark.slow
 def test_a_full_disk_from_the_start_is_one_line_naming_the_events_file(css_root, tmp_path):
     """Files past 1000 bytes fail as on a full disk: the first writes of the tensorboard events
     fail, in tensorboardX's writer thread, its flush and its exit handler."""

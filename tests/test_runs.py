@@ -45,6 +45,7 @@ def one_line_error(result, *fragments):
 # ---------------------------------------------------------------------------------------------
 # Resume with the original command (issue 9.3), abbreviations (12.11), relative paths (12.7).
 
+@pytest.mark.slow
 def test_original_command_plus_resume_continues_and_a_real_change_names_both_values(css_root, tmp_path):
     command = TINY + [f'--dataset_path={css_root}', '--seed=3', '--comment=_orig', '--num_iters=4',
                       '--learning_rate=0.02', '--weight_decay=1e-5']
@@ -68,6 +69,7 @@ def test_abbreviated_flags_are_refused(css_root, tmp_path):
     assert not os.path.exists(tmp_path / 'runs')
 
 
+@pytest.mark.slow
 def test_checkpoint_stores_the_absolute_dataset_path_and_resume_works_from_elsewhere(tmp_path):
     root = tmp_path / 'work'
     write_css_fixture(str(root / 'data' / 'css'))
@@ -108,6 +110,7 @@ def test_run_folders_are_unique_when_the_name_is_taken(tmp_path, monkeypatch):
     assert os.path.basename(second) == f'Nov28_12-00-00_{socket.gethostname()}.2_same'
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_never_share_a_folder(css_root, tmp_path):
     # Folders for the next seconds already exist (another run's): a new run must not write there.
     host = socket.gethostname()
@@ -137,6 +140,7 @@ def test_two_runs_started_together_never_share_a_folder(css_root, tmp_path):
         assert checkpoints.load(os.path.join(run_dir, 'latest_checkpoint.pth'))['it'] == 3
 
 
+@pytest.mark.slow
 def test_resume_from_best_checkpoint_continues_in_a_new_folder(css_root, tmp_path):
     # 36 training images, batch 4: 9 iterations an epoch, tests at it 9 and at the end.
     base = TINY + [f'--dataset_path={css_root}', '--seed=2', '--comment=_best']
@@ -154,6 +158,7 @@ def test_resume_from_best_checkpoint_continues_in_a_new_folder(css_root, tmp_pat
     assert 'new run folder' in result.stdout
 
 
+@pytest.mark.slow
 def test_num_iters_below_the_checkpoint_is_an_error(css_root, tmp_path):
     assert run_main(TINY + [f'--dataset_path={css_root}', '--num_iters=5', '--comment=_lo'],
                     cwd=tmp_path).returncode == 0
@@ -187,6 +192,7 @@ def test_bad_flags_are_one_line_errors_and_leave_no_run_folder(css_root, tmp_pat
     assert not os.path.exists(tmp_path / 'runs')
 
 
+@pytest.mark.slow
 def test_a_read_only_working_folder_is_named_before_any_data_is_read(css_root, tmp_path):
     """Issue 18, item 18.  root ignores permissions: it runs without the capability to."""
     work = tmp_path / 'readonly'
@@ -239,6 +245,7 @@ def crafted(tmp_path, css_root, **changes):
     return path
 
 
+@pytest.mark.slow
 def test_crafted_checkpoints_are_one_line_errors(css_root, tmp_path):
     path = crafted(tmp_path, css_root, rng=None)
     one_line_error(run_main([f'--resume={path}', '--num_iters=4'], cwd=tmp_path), str(path), 'rng')
@@ -257,6 +264,7 @@ def corrupt_png(path):
         f.write(b'\x89PNG\r\n\x1a\n' + b'\0' * 40)
 
 
+@pytest.mark.slow
 def test_corrupt_test_image_saves_the_checkpoint_then_stops_with_one_line(tmp_path):
     root = str(tmp_path / 'css')
     write_css_fixture(root, pngs=True)
@@ -345,6 +353,7 @@ def test_fashion200k_label_order_sets_the_first_seen_vocabulary(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # DataLoader workers (issue 9.6).
 
+@pytest.mark.slow
 def test_more_workers_than_cpus_is_capped_with_one_line_and_no_warning(css_root, tmp_path):
     result = run_main(TINY[:-2] + ['--loader_num_workers=64', '--img_weights=none',
                                    f'--dataset_path={css_root}', '--num_iters=3'], cwd=tmp_path,
@@ -371,6 +380,7 @@ def wait_for_checkpoint(run_dir_glob, deadline):
     raise AssertionError('no checkpoint with it > 0 in time')
 
 
+@pytest.mark.slow
 def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp_path):
     import signal
     args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
@@ -394,6 +404,7 @@ def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp
     assert checkpoints.load(path)['it'] == it + 4
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_retrieval_test_says_it_stops_and_the_resumed_run_redoes_it(
         css_root, tmp_path, monkeypatch, capsys):
     """Issue 23 item 19: it said "finishing this iteration", but the test stops at once, the
@@ -425,6 +436,7 @@ def test_sigterm_during_a_retrieval_test_says_it_stops_and_the_resumed_run_redoe
     assert tested == [9, 12]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_root, tmp_path):
     """Issue 12.8: torch raises RuntimeError (not OSError) when a checkpoint write fails.  A real
     write error from the kernel: files past 1 MB fail as on a full disk (a checkpoint is ~45 MB)."""
@@ -446,6 +458,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_roo
     assert [name for name in left if name.startswith('events.out.tfevents')]  # the run's log stays
 
 
+@pytest.mark.slow
 def test_a_training_set_smaller_than_the_batch_trains_one_batch_an_epoch_and_resumes(css_root, tmp_path):
     """A smoke test on a small tree with the default --batch_size: drop_last batches would leave
     every epoch empty.  The 36 fixture images make one batch of 36; the original command resumes."""

@@ -118,6 +118,7 @@ def per_query_recalls(model, paths, queries, gallery, ks=(1, 10, 50)):
     return dict(zip(NAMES, recalls + [sum(recalls) / len(recalls)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout, protocol', [(layout, protocol) for layout in sorted(LAYOUTS)
                                               for protocol in ('val', 'unique')])
 def test_trains_and_test_only_equals_the_per_query_implementation(tmp_path, capsys, layout, protocol):
@@ -146,6 +147,7 @@ def test_trains_and_test_only_equals_the_per_query_implementation(tmp_path, caps
     assert printed(result.stdout, 'test') == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_tensorboard_and_a_changed_protocol(tmp_path, capsys):
     train_names, eval_names, triplets = larger_lists()
     root = tmp_path / 'shoes'
@@ -177,6 +179,7 @@ def test_resume_tensorboard_and_a_changed_protocol(tmp_path, capsys):
     assert 'test_recall_top50' in scalars
 
 
+@pytest.mark.slow
 def test_skip_missing_images_is_recorded_in_the_options_and_test_results(tmp_path, capsys):
     train_names, eval_names, triplets = larger_lists()
     root = tmp_path / 'shoes'
@@ -239,6 +242,7 @@ def test_bad_input_is_one_line_and_exit_1_before_any_run_folder(tmp_path, capsys
 # ---------------------------------------------------------------------------------------------
 # retrieve.py: a test query ranks its protocol's gallery, its reference last (score -inf).
 
+@pytest.mark.slow
 def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
     import retrieve
     from test_retrieve import ranked_lines
@@ -287,6 +291,7 @@ def test_retrieve_ranks_a_query_against_its_protocols_gallery(tmp_path, capsys):
     assert len(lines) == 14 and lines[-1].caption == reference and lines[-1].score == float('-inf')
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_train_and_test_as_one(tmp_path, capsys):
     import subprocess
     import sys
@@ -312,6 +317,7 @@ def test_two_torchrun_processes_train_and_test_as_one(tmp_path, capsys):
     assert results['metrics'] == pytest.approx(final, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_results_table_groups_shoes_runs_by_protocol(tmp_path, capsys):
     import statistics
     import results_table

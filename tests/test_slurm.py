@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, TINY
 
 import checkpoints
@@ -49,6 +51,7 @@ def saved_checkpoint(submit):
         return None
 
 
+@pytest.mark.slow
 def test_sigterm_requeues_and_the_requeued_job_resumes_in_the_same_run_folder(css_root, tmp_path):
     submit, env = slurm_env(tmp_path)
     flags = TINY + [f'--dataset_path={css_root}', '--batch_size=8', '--seed=3']
@@ -129,6 +132,7 @@ def stub_srun(tmp_path, env, body):
     env['SRUN_LOG'] = str(tmp_path / 'srun.log')
 
 
+@pytest.mark.slow
 def test_an_unreadable_latest_checkpoint_is_named_before_training(tmp_path):
     submit, env = slurm_env(tmp_path)
     stub_srun(tmp_path, env, SRUN_LOGGED)
@@ -148,6 +152,7 @@ def test_an_unreadable_latest_checkpoint_is_named_before_training(tmp_path):
     assert not (tmp_path / 'scontrol.log').exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_unreadable_after_training_is_named_and_not_requeued(tmp_path):
     submit, env = slurm_env(tmp_path)
     stub_srun(tmp_path, env, SRUN_CORRUPTING)

@@ -11,6 +11,9 @@ from conftest import REPO, TINY, run_main
 import main
 import run_folder
 
+# pytest-xdist: one worker runs them all, building the module-scoped real run once.
+pytestmark = pytest.mark.xdist_group('test_tables')
+
 
 def run_dirs(cwd):
     return sorted(os.path.join(cwd, 'runs', d) for d in os.listdir(os.path.join(cwd, 'runs')))
@@ -19,6 +22,7 @@ def run_dirs(cwd):
 # ---------------------------------------------------------------------------------------------
 # options.json
 
+@pytest.mark.slow
 def test_options_json_is_written_at_the_start_and_resume_in_place_keeps_it(css_root, tmp_path):
     args = TINY + [f'--dataset_path={css_root}', '--num_iters=2', '--seed=5', '--comment=_opts',
                    '--learning_rate=0.02']
@@ -557,6 +561,7 @@ def hostile_folder(real_run, base):
     return parent
 
 
+@pytest.mark.slow
 def test_a_hostile_folder_in_every_format(real_run, tmp_path):
     """A link to /, FIFOs, bad bytes, 100,000-deep JSON, a NaN and LaTeX in names: each format
     done within two minutes, no traceback, nothing injected."""
@@ -604,6 +609,7 @@ def test_ctrl_c_and_a_closed_pipe_are_one_line(runs, capsys, monkeypatch):
     assert code == 130 and err == '\nresults_table.py: interrupted\n' and out == ''
 
 
+@pytest.mark.slow
 def test_a_fifo_checkpoint_is_one_line_in_main_and_retrieve(tmp_path):
     """checkpoints.load refuses it before torch.load would wait for a writer for ever."""
     fifo = str(tmp_path / 'latest_checkpoint.pth')

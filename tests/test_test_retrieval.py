@@ -604,6 +604,7 @@ def measure_memory_growth(tmp_path):
     return growth
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='Linux peak-memory reset')
 def test_memory_does_not_grow_with_the_number_of_sampled_examples(tmp_path):
     """Issue 9.1: holding the sampled examples' images took 2 x 0.6 MB an example at 224 px

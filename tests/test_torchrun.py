@@ -28,6 +28,7 @@ def run_folders(cwd):
     return sorted(glob.glob(os.path.join(str(cwd), 'runs', '*')))
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_experiment_and_test_only_gives_the_same_recalls(css_root, tmp_path):
     flags = ['--dataset=css3d', f'--dataset_path={css_root}', '--num_iters=12', '--batch_size=8',
              '--loader_num_workers=0', '--img_weights=none', '--embed_dim=16', '--seed=1']
@@ -60,6 +61,7 @@ def test_two_processes_train_one_experiment_and_test_only_gives_the_same_recalls
         assert tested[name] == pytest.approx(value, abs=1e-9), name
 
 
+@pytest.mark.slow
 def test_batch_size_must_divide_by_the_processes(css_root, tmp_path):
     result = subprocess.run(torchrun(*TINY, f'--dataset_path={css_root}', '--batch_size=5',
                                      '--num_iters=2'),
@@ -69,6 +71,7 @@ def test_batch_size_must_divide_by_the_processes(css_root, tmp_path):
     assert not os.path.exists(tmp_path / 'runs')
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_saves_and_torchrun_resumes(css_root, tmp_path):
     flags = TINY + [f'--dataset_path={css_root}', '--seed=6', '--batch_size=8']
     proc = subprocess.Popen(torchrun(*flags, '--num_iters=100000'), cwd=tmp_path,
@@ -99,6 +102,7 @@ def test_sigterm_to_torchrun_saves_and_torchrun_resumes(css_root, tmp_path):
     assert len(run_folders(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_a_resume_under_torchrun_of_a_run_in_use_is_refused_by_the_first_process(css_root, tmp_path):
     """Issue 18, item 1: the first process takes the run folder's lock after the process group
     exists and tells the others, so every process exits 1 at once and only one line is printed."""
@@ -139,6 +143,7 @@ def child_pids(parent):
     return children
 
 
+@pytest.mark.slow
 def test_a_process_killed_with_sigkill_is_named_in_one_line_after_the_save(css_root, tmp_path):
     """Issue 18, item 14: the first process saves, then says which process was lost, instead of
     gloo's 'Connection reset by peer' traceback."""

@@ -16,6 +16,9 @@ from test_mitstates import write_mitstates_fixture
 import datasets
 import main
 
+# pytest-xdist: one worker runs them all, building the module-scoped schedule run once.
+pytestmark = pytest.mark.xdist_group('test_wiring')
+
 
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
@@ -47,6 +50,7 @@ def test_collated_batch_keeps_each_examples_text_with_its_images():
     assert batch['target_img_data'][:, 0, 0, 0].tolist() == [100.0 + i for i in order]
 
 
+@pytest.mark.slow
 def test_loader_workers_draw_different_examples(tmp_path):
     """The reference's workers inherited one numpy state and loaded the same examples.  With a
     model that cannot change (learning rate 0) and has no randomness (image only, classification
@@ -63,6 +67,7 @@ def test_loader_workers_draw_different_examples(tmp_path):
     assert values[0] != values[1] and values[2] != values[3], values
 
 
+@pytest.mark.slow
 def test_each_epoch_passes_over_every_example_in_a_new_order(tmp_path, monkeypatch):
     """In-process, to see the indices the training loader asks the dataset for."""
     asked = []
@@ -113,6 +118,7 @@ def learning_rate_during(it):
     return LEARNING_RATE * 0.1 ** ((it - 1) // DECAY_FREQUENCY)
 
 
+@pytest.mark.slow
 def test_logged_learning_rate_decays_after_the_iteration_the_spec_names(schedule_run):
     logged = dict(read_scalars(schedule_run)['learning_rate'])
     assert sorted(logged) == [0, 2, 4, 6, 8]
@@ -122,6 +128,7 @@ def test_logged_learning_rate_decays_after_the_iteration_the_spec_names(schedule
     assert logged == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_weight_decay_and_momentum_reach_the_optimizer(schedule_run):
     """TIRG's a[2] and a[3] are in no formula: their gradient is 0, so only weight decay (through
     SGD's momentum 0.9) moves them, by an amount known in advance."""
@@ -140,6 +147,7 @@ def test_weight_decay_and_momentum_reach_the_optimizer(schedule_run):
 # Resume and the best checkpoint
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mitstates_resume_with_a_pending_pair_gives_the_same_weights(tmp_path):
     """MIT-States draws examples in pairs; at batch 3 a checkpoint after 5 iterations (15
     examples) falls between the two of a pair, which the resumed run must draw second."""
@@ -171,6 +179,7 @@ TRACKED = 'test recall_top1_correct_composition'
 SCRIPTED_RECALLS = [0.25, 0.5, 0.5, 0.375]
 
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_best_logged_recall(tmp_path, monkeypatch):
     """6 training images at batch 6, one batch an epoch: tests at iterations 1, 4, 7 (epochs 1,
     4, 7) and 8 (the end).  The evaluation really runs; only the tracked value it returns is
