@@ -1,8 +1,9 @@
 """The seven new --model values through main.py as a user runs them (issue 19 items 1, 2): each
-trains 20 iterations on the synthetic CSS data and on a FashionIQ fixture (attribute_operator: on
-a MIT-States fixture), evaluates, saves, resumes with the original command, and --test_only of its
-checkpoint repeats its final test; attribute_operator on other data is a one-line error before
-any run folder exists; retrieve.py ranks with a new model's checkpoint."""
+trains 8 iterations on the synthetic CSS data and on a FashionIQ fixture (attribute_operator: on
+a MIT-States fixture), evaluates, saves, resumes with the original command (4 iterations, then on
+to 8), and --test_only of its checkpoint repeats its final test; attribute_operator on other
+data is a one-line error before any run folder exists; retrieve.py ranks with a new model's
+checkpoint."""
 import glob
 import json
 import os
@@ -65,20 +66,20 @@ def test_trains_resumes_with_the_original_command_and_test_only_repeats_the_fina
     root = write_dataset(dataset, str(tmp_path / dataset))
     command = SMALL + [f'--dataset={dataset}', f'--dataset_path={root}', f'--model={name}',
                        '--comment=_run']
-    first = run_main(command + ['--num_iters=10'], cwd=tmp_path)
+    first = run_main(command + ['--num_iters=4'], cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     run_dir = only_run_folder(tmp_path, '_run')
     ckpt_path = os.path.join(run_dir, 'latest_checkpoint.pth')
-    assert checkpoints.load(ckpt_path)['it'] == 10
+    assert checkpoints.load(ckpt_path)['it'] == 4
 
-    resumed = run_main(command + ['--num_iters=20', f'--resume={ckpt_path}'], cwd=tmp_path)
+    resumed = run_main(command + ['--num_iters=8', f'--resume={ckpt_path}'], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert only_run_folder(tmp_path, '_run') == run_dir  # continued in its own folder
     ckpt = checkpoints.load(ckpt_path)
-    assert ckpt['it'] == 20 and ckpt['finished'] and ckpt['opt'].model == name
+    assert ckpt['it'] == 8 and ckpt['finished'] and ckpt['opt'].model == name
     assert os.path.isfile(os.path.join(run_dir, 'best_checkpoint.pth'))
     final = metric_lines(run_dir)[-1]
-    assert final['it'] == 20
+    assert final['it'] == 8
     final_test = {k: v for k, v in final.items() if k.startswith('test ')}
     assert final_test and any(k.startswith('train ') for k in final)
     assert any(tag.startswith('test') for tag in read_scalars(run_dir))  # tensorboard
@@ -89,7 +90,7 @@ def test_trains_resumes_with_the_original_command_and_test_only_repeats_the_fina
     assert tested.returncode == 0, tested.stdout[-2000:] + tested.stderr[-3000:]
     with open(os.path.join(only_run_folder(tmp_path, '_test'), 'test_results.json')) as f:
         results = json.load(f)
-    assert results['model'] == name and results['it'] == 20
+    assert results['model'] == name and results['it'] == 8
     assert results['metrics'].keys() == final_test.keys()
     for metric, value in final_test.items():
         assert results['metrics'][metric] == pytest.approx(value, abs=1e-9), metric
