@@ -325,6 +325,7 @@ def test_a_bad_cpu_bfloat16_setting_is_one_line_and_no_run_folder(small_css, tmp
     assert not os.path.exists(tmp_path / 'runs') or not os.listdir(tmp_path / 'runs')
 
 
+@pytest.mark.slow
 def test_amp_on_the_bfloat16_path_trains_resumes_and_tests_with_float32_weights(small_css, tmp_path,
                                                                                 monkeypatch, autocast_calls):
     import math
@@ -400,6 +401,7 @@ def test_every_process_takes_the_first_process_decision(monkeypatch, capsys):
     assert capsys.readouterr().out == ''
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_notice_is_one_line_and_the_run_records_its_precision(small_css, tmp_path):
     import glob
     import os

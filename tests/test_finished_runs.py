@@ -58,6 +58,7 @@ def stop_at(monkeypatch, name, iteration, position):
     return real
 
 
+@pytest.mark.slow
 def test_a_resumed_run_stopped_in_its_final_evaluation_finishes_with_its_printed_command(
         finished_run, tmp_path, monkeypatch, capsys):
     command, run_dir, path = finished_run
@@ -101,6 +102,7 @@ def test_a_resumed_run_stopped_during_training_is_not_finished(finished_run, tmp
     assert ckpt['it'] == 8 and ckpt['finished'] is True and iterations_tested(run_dir) == [4, 8]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_holds_its_folders_lock_and_is_left_out_of_tables_while_it_trains(
         css_root, tmp_path, monkeypatch):
     """Issue 23 item 20 (deleting run_lock.acquire for a new run folder passed every test) and
@@ -127,6 +129,7 @@ def options_record(run_dir):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_a_run_records_its_data_and_starting_weights_and_tables_pool_on_them(tmp_path, monkeypatch):
     """The same data at two paths pools into one row; other data, and a start from another
     checkpoint's weights, never do."""
