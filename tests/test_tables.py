@@ -524,21 +524,25 @@ def escape_checks(fmt, out):
                 assert not value[:1] in ('=', '+', '-', '@'), row
 
 
+import random
 import re
 
 
-def hostile_folder(real_run, base):
+def hostile_folder(real_run, base, token):
     """Runs in every way a folder can be wrong, beside two good ones whose names, options and
-    metric names carry LaTeX, markdown and spreadsheet syntax."""
+    metric names carry LaTeX, markdown and spreadsheet syntax.  `token` (digits) makes the good
+    runs' learning rates this folder's own: the walk of / also finds the copies that earlier test
+    sessions left in the temporary folder, and they must not join these runs' groups."""
     parent = os.path.join(base, 'runs')
     name = '=HYPERLINK("x")|\\input{/etc/passwd}\n\\write18{id}\ud800'
     synthetic_run(parent, 'good', real_run, [metrics_line(4, five(0.6))], model=name, seed=1,
-                  learning_rate='$\\write18{rm -rf ~}$ & 100% #1 ^_^ {x}')
+                  learning_rate=f'$\\write18{{rm -rf ~}}$ & 100% #1 ^_^ {{x}} {token}')
     line = metrics_line(4, five(0.5))
     line['test \\input{/etc/passwd}'] = 0.5
     nan = metrics_line(2, five(0.5))
     nan['test recall_top1_correct_composition'] = float('nan')
-    synthetic_run(parent, 'good2', real_run, [nan, line], model='-2+3', seed=2, learning_rate=0.05)
+    synthetic_run(parent, 'good2', real_run, [nan, line], model='-2+3', seed=2,
+                  learning_rate=float(f'0.05{token}'))
     os.symlink('/', os.path.join(parent, 'root'))
     fifo = os.path.join(parent, 'fifo_options')
     os.makedirs(fifo)
@@ -565,13 +569,17 @@ def hostile_folder(real_run, base):
 def test_a_hostile_folder_in_every_format(real_run, tmp_path):
     """A link to /, FIFOs, bad bytes, 100,000-deep JSON, a NaN and LaTeX in names: each format
     done within two minutes, no traceback, nothing injected."""
-    parent = hostile_folder(real_run, str(tmp_path))
+    token = str(random.SystemRandom().randrange(10 ** 8, 10 ** 9))
+    parent = hostile_folder(real_run, str(tmp_path), token)
     env = dict(os.environ, LC_ALL='C.UTF-8', PYTHONIOENCODING='utf-8', OMP_NUM_THREADS='1')
     results = {}
     for fmt in ('markdown', 'latex', 'csv'):  # one after the other: each has its two minutes
         result = subprocess.run([sys.executable, os.path.join(REPO, 'results_table.py'), parent,
                                  f'--format={fmt}'], capture_output=True, env=env, timeout=120)
         results[fmt] = (result.returncode, result.stdout.decode('utf-8'), result.stderr.decode('utf-8'))
+        # The walk of / (bounded: MAX_FOLDERS) is the same in every format: once is enough.
+        if os.path.islink(os.path.join(parent, 'root')):
+            os.remove(os.path.join(parent, 'root'))
     for fmt, (code, out, err) in results.items():
         assert code == 0 and 'Traceback' not in err, (fmt, err[-3000:])
         escape_checks(fmt, out)
@@ -588,13 +596,14 @@ def test_a_hostile_folder_in_every_format(real_run, tmp_path):
     markdown = results['markdown'][1]
     assert '| =HYPERLINK("x")\\|\\\\input{/etc/passwd}\\\\n\\\\write18{id}\\\\ud800 | 60.0 (1 run) |' in markdown
     # (The walk of / finds other runs, so titles name more options than the learning rate.)
-    assert '--learning_rate=$\\\\write18{rm -rf ~}$ & 100% #1 ^_^ {x}' in markdown
+    assert f'--learning_rate=$\\\\write18{{rm -rf ~}}$ & 100% #1 ^_^ {{x}} {token}' in markdown
     assert '| \'-2+3 |' not in markdown and '| -2+3 | 50.0 (1 run) |' in markdown  # the NaN line skipped
+    assert f'--learning_rate=0.05{token}' in markdown
     latex = results['latex'][1]
     assert ('=HYPERLINK("x")|\\textbackslash{}input\\{/etc/passwd\\}\\textbackslash{}n\\textbackslash{}'
             'write18\\{id\\}\\textbackslash{}ud800 & 60.0 (1 run)') in latex
     assert ('--learning\\_rate=\\$\\textbackslash{}write18\\{rm -rf \\textasciitilde{}\\}\\$ \\& '
-            '100\\% \\#1 \\textasciicircum{}\\_\\textasciicircum{} \\{x\\}') in latex
+            f'100\\% \\#1 \\textasciicircum{{}}\\_\\textasciicircum{{}} \\{{x\\}} {token}') in latex
     rows = list(csv.reader(io.StringIO(results['csv'][1])))
     methods = [row[2] for row in rows if len(row) > 2 and row[0].startswith(("'css3d", 'css3d'))]
     assert '\'=HYPERLINK("x")|\\input{/etc/passwd}\\n\\write18{id}\\ud800' in methods
