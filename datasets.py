@@ -24,6 +24,8 @@ import PIL.Image
 import torch
 import torchvision
 
+from css_scenes import CSS_COLORS, CSS_DATA_FILE, CSS_SHAPES, draw_css_2d_image  # noqa: F401 (datasets.X, as before)
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -185,43 +187,6 @@ class BaseDataset(torch.utils.data.Dataset):
         captions = {img['captions'][0] for img in self.imgs}
         return (f'{type(self).__name__} {getattr(self, "split", "")}: {len(self.imgs)} images, '
                 f'{len(captions)} unique captions, {len(self.get_test_queries())} test queries')
-
-
-CSS_COLORS = {
-    'gray': [87, 87, 87],
-    'red': [244, 35, 35],
-    'blue': [42, 75, 215],
-    'green': [29, 205, 20],
-    'brown': [129, 74, 25],
-    'purple': [129, 38, 192],
-    'cyan': [41, 208, 208],
-    'yellow': [255, 238, 51],
-}
-CSS_DATA_FILE = 'css_toy_dataset_novel2_small.dup.npy'
-
-
-def draw_css_2d_image(objects, size=64):
-    """The reference's 2D rendering of a CSS scene: HxWx3 floats in [0, 1] on white."""
-    img = np.ones((size, size, 3))
-    for obj in objects:
-        s = 8.0 if obj['size'] == 'large' else 4.0
-        c = [v / 255.0 for v in CSS_COLORS[obj['color']]]
-        y = obj['pos'][0] * size
-        x = obj['pos'][1] * size
-        # Rows and columns past the canvas are left out (an object at a border is cut, as in
-        # the middle of the canvas nothing changes), never wrapped around by negative indices.
-        if obj['shape'] == 'rectangle':
-            img[max(0, int(y - s)):int(y + s), max(0, int(x - s)):int(x + s), :] = c
-        elif obj['shape'] == 'circle':  # drawn as a diamond, as in the reference
-            for y0 in range(max(0, int(y - s)), min(size - 1, int(y + s)) + 1):
-                x0 = x + (abs(y0 - y) - s)
-                x1 = 2 * x - x0
-                img[y0, max(0, int(x0)):int(x1), :] = c
-        elif obj['shape'] == 'triangle':  # apex at the top, base 2s wide at the bottom
-            for y0 in range(max(0, int(y - s)), min(size, int(y + s))):
-                half_width = (y0 - y + s) / 2
-                img[y0, max(0, int(x - half_width)):int(x + half_width), :] = c
-    return img
 
 
 # The globals a CSS data file may name (SPEC 2.1): array and scalar reconstruction and dtype, under
@@ -395,9 +360,6 @@ def _check_css_mod(fail, m, mod, num_images):
             if not _is_index(value) or not 0 <= value < num_images:
                 fail(f'mods[{m}]["{key}"]: {preview(value)} is not an image index (0 to '
                      f'{num_images - 1})')
-
-
-CSS_SHAPES = ('rectangle', 'circle', 'triangle')
 
 
 def check_css_drawable(data_file, split, objects_img,

@@ -46,7 +46,7 @@ except ImportError:  # Windows: interrupted runs are not cleaned up
 
 import numpy as np
 
-from datasets import CSS_COLORS, CSS_DATA_FILE, draw_css_2d_image
+from css_scenes import CSS_COLORS, CSS_DATA_FILE, draw_css_2d_image
 
 SPLITS = ('train', 'test')
 
