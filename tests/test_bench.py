@@ -17,19 +17,20 @@ from benchmarks import data, loss, retrieval
 
 
 @pytest.mark.slow
-def test_quick_run_prints_every_section_with_ratios(tmp_path):
+def test_quick_run_prints_every_section_with_ratios(tmp_path, capsys, monkeypatch):
+    """In this process (one torch thread, conftest), as `python bench.py --quick --json F`:
+    a second interpreter would add its start and nothing tested (the ddp section starts its own
+    processes; test_bench_cli_with_a_bad_device_is_one_line_exit_1 runs the command line)."""
     out = tmp_path / 'bench.json'
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'bench.py'), '--quick',
-                             '--json', str(out)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600, env=env)  # 111 s on 2 cores at load 10 before --only models (~70 s more)
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+    monkeypatch.chdir(tmp_path)
+    assert bench.main_cli(['--quick', '--json', str(out)]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
     assert re.match(r'device cpu \(.*\), torch \S+, numpy \S+, 1 threads', lines[0]), lines[0]
 
     def line(prefix, ratio_word):
         found = [x for x in lines if x.startswith(prefix)]
-        assert found, f'no line starting with {prefix!r} in:\n{result.stdout}'
+        assert found, f'no line starting with {prefix!r} in:\n{stdout}'
         for x in found:
             assert re.search(ratio_word + r' \d+(\.\d+)?x', x), x
         return found
@@ -75,7 +76,7 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path):
     assert models['tirg']['vs_tirg'] == 1.0
     assert models['relationship']['vs_tirg'] == pytest.approx(
         models['relationship']['median_s'] / models['tirg']['median_s'])
-    assert any(x.startswith('amp processor: ') for x in lines), result.stdout
+    assert any(x.startswith('amp processor: ') for x in lines), stdout
     assert any(re.match(r'amp train iteration batch 4 \(TIRG, 2x4 images\) at 32x32: float32 \S+ \S+ '
                         r'\(1\.00x\), .*float32 channels_last \S+ \S+ \(\d+\.\d\dx\)', x) for x in lines)
     assert results['amp']['sizes']['32']['train']['float32']['ratio'] == 1.0
