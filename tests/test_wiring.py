@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY, metrics_lines, only_run_folder, read_scalars, run_main, write_css_fixture
-from test_fashion200k import SAMPLED, finish, start_main
+from test_fashion200k import SAMPLED
 from test_mitstates import write_mitstates_fixture
 
 import datasets
@@ -148,23 +148,31 @@ def test_weight_decay_and_momentum_reach_the_optimizer(schedule_run):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_mitstates_resume_with_a_pending_pair_gives_the_same_weights(tmp_path):
+def test_mitstates_resume_with_a_pending_pair_gives_the_same_weights(tmp_path, monkeypatch):
     """MIT-States draws examples in pairs; at batch 3 a checkpoint after 5 iterations (15
-    examples) falls between the two of a pair, which the resumed run must draw second."""
+    examples) falls between the two of a pair, which the resumed run must draw second.  In this
+    process, one run after the other (each seeds and restores every generator itself), with
+    photos at 64 px and SAMPLED training examples in the train-split test."""
+    import test_retrieval
+    from conftest import small_photos
+    sample = test_retrieval.sample_training_examples
+    monkeypatch.setattr(test_retrieval, 'sample_training_examples',
+                        lambda dataset, count=SAMPLED, seed=0: sample(dataset, SAMPLED, seed))
     root = write_mitstates_fixture(str(tmp_path / 'mitstates'))
     common = ['--dataset=mitstates', f'--dataset_path={root}', '--img_weights=none',
               '--batch_size=3', '--embed_dim=16', '--loader_num_workers=0', '--seed=4']
 
     def run(args, cwd):
-        return start_main(common + args, cwd=str(tmp_path / cwd), sampled=SAMPLED)
-
-    straight, cut = run(['--num_iters=8', '--comment=_s'], 'straight'), run(['--num_iters=5', '--comment=_c'], 'cut')
-    for process in (straight, cut):
-        result = finish(process)
+        os.makedirs(tmp_path / cwd, exist_ok=True)
+        with small_photos():
+            result = run_main(common + args, cwd=str(tmp_path / cwd))
         assert result.returncode == 0, result.stderr
+        return result
+
+    run(['--num_iters=8', '--comment=_s'], 'straight')
+    run(['--num_iters=5', '--comment=_c'], 'cut')
     cut_path = os.path.join(only_run_folder(tmp_path / 'cut', '_c'), 'latest_checkpoint.pth')
-    result = finish(run([f'--resume={cut_path}', '--num_iters=8'], 'cut'))
-    assert result.returncode == 0, result.stderr
+    run([f'--resume={cut_path}', '--num_iters=8'], 'cut')
     resumed = load(cut_path)
     straight = load(os.path.join(only_run_folder(tmp_path / 'straight', '_s'), 'latest_checkpoint.pth'))
     assert resumed['it'] == straight['it'] == 8
