@@ -430,10 +430,19 @@ def test_cli_with_a_missing_image_is_a_one_line_error(fashion_root, tmp_path, mo
 def test_two_runs_with_the_same_seed_give_the_same_losses(fashion_root, tmp_path):
     args = TINY + [f'--dataset_path={fashion_root}', '--seed=3', '--loader_num_workers=2',
                    '--num_iters=4']
-    runs = {name: start_main(args, cwd=str(tmp_path / name), sampled=SAMPLED) for name in 'ab'}
+    # One run in a fresh interpreter, the other in this process after whatever ran here before:
+    # nothing but the seed may decide the losses.
+    started = start_main(args, cwd=str(tmp_path / 'a'), sampled=SAMPLED)
+    import test_retrieval
+    from conftest import run_main as run_main_here, small_photos
+    sample = test_retrieval.sample_training_examples
+    with pytest.MonkeyPatch.context() as patch, small_photos():
+        patch.setattr(test_retrieval, 'sample_training_examples',
+                      lambda dataset, count=SAMPLED, seed=0: sample(dataset, SAMPLED, seed))
+        os.makedirs(tmp_path / 'b')
+        here = run_main_here(args, cwd=str(tmp_path / 'b'))
     losses = []
-    for name, process in runs.items():
-        result = finish(process)
+    for name, result in (('a', finish(started)), ('b', here)):
         assert result.returncode == 0, result.stderr
         (ckpt,) = glob.glob(str(tmp_path / name / 'runs' / '*' / 'latest_checkpoint.pth'))
         losses.append(torch.load(ckpt, weights_only=False)['losses'])
