@@ -203,13 +203,21 @@ def pytest_configure(config):
         use_memory_for_temporary_folders(config)
     if 'TIRG_CACHE_DIR' not in os.environ:
         import tempfile
-        os.environ['TIRG_CACHE_DIR'] = tempfile.mkdtemp(prefix='tirg-test-cache-')
+        os.environ['TIRG_CACHE_DIR'] = config.tirg_test_cache = tempfile.mkdtemp(prefix='tirg-test-cache-')
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     try:
         import torch
     except ImportError:
         return
     torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    """The session's own cache folder goes with it (the workers share the controller's)."""
+    created = getattr(config, 'tirg_test_cache', None)
+    if created:
+        import shutil
+        shutil.rmtree(created, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,7 +23,8 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path, capsys, monkeypatc
     processes; test_bench_cli_with_a_bad_device_is_one_line_exit_1 runs the command line)."""
     out = tmp_path / 'bench.json'
     monkeypatch.chdir(tmp_path)
-    assert bench.main_cli(['--quick', '--json', str(out)]) == 0
+    # Each model's peak memory (a forked child each, 12 of them) is tested on two models below.
+    assert bench.main_cli(['--quick', '--skip_model_memory', '--json', str(out)]) == 0
     stdout = capsys.readouterr().out
     lines = stdout.splitlines()
     assert re.match(r'device cpu \(.*\), torch \S+, numpy \S+, 1 threads', lines[0]), lines[0]
@@ -54,7 +55,8 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path, capsys, monkeypatc
     line('ddp train iterations, global batch 4 ', 'scaling')
     for name in model_registry.MODELS:  # the reference's five and the new seven
         (found,) = [x for x in lines if x.startswith(f'models {name}: ')]
-        assert re.search(r'batch 4 at 64x64: .*, \d+\.\d\dx TIRG, peak resident \d+\.\d\d GiB', found), found
+        assert re.fullmatch(r'models \w+: one training iteration, batch 4 at 64x64: \S+ \S+, \d+\.\d\dx TIRG',
+                            found), found
 
     results = json.loads(out.read_text())
     assert results['retrieval']['recalls_identical'] is True
@@ -83,6 +85,22 @@ def test_quick_run_prints_every_section_with_ratios(tmp_path, capsys, monkeypatc
     ddp = results['ddp']['runs']
     assert ddp['1']['processes'] == 1 and ddp['2']['processes'] == 2, ddp
     assert results['ddp']['scaling'] == pytest.approx(ddp['2']['img_per_s'] / ddp['1']['img_per_s'])
+
+
+def test_the_models_section_measures_each_models_peak_memory_in_a_child(tmp_path, monkeypatch):
+    """What the quick run above skips, on two models: TIRG (the ratios' base) and
+    attribute_operator (its own captions)."""
+    from benchmarks import models
+    monkeypatch.setattr(model_registry, 'MODELS', {name: model_registry.MODELS[name]
+                                                   for name in ('attribute_operator', 'tirg')})
+    args = bench.parse_args(['--quick', '--only', 'models'])
+    lines, result = models.measure(args, torch.device('cpu'), str(tmp_path))
+    assert list(result['models']) == ['attribute_operator', 'tirg']
+    for line, (name, entry) in zip(lines, result['models'].items()):
+        assert 0 < entry['start_bytes'] < entry['peak_bytes'], (name, entry)
+        peak, more = entry['peak_bytes'] / 2 ** 30, (entry['peak_bytes'] - entry['start_bytes']) / 2 ** 30
+        assert line.endswith(f'x TIRG, peak resident {peak:.2f} GiB (+{more:.2f} GiB for the iteration)'), line
+        assert line.startswith(f'models {name}: one training iteration, batch 4 at 64x64: ')
 
 
 def test_only_selects_sections(capsys):

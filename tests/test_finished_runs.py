@@ -26,11 +26,17 @@ def iterations_tested(run_dir):
 
 
 def table(folder):
-    """results_table.py as a user runs it: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'results_table.py'), folder],
-                            capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS='1'))
-    return result.returncode, result.stdout, result.stderr
+    """results_table.py's command line, in this process (test_tables.py runs the script itself):
+    (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = results_table.main_cli([folder])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
