@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_scalars, run_main, write_css_fixture
+from conftest import REPO, TINY, read_scalars, run_main, saved_iteration, write_css_fixture
 
 import checkpoints
 import datasets
@@ -247,7 +247,7 @@ def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path
     (run_dir,) = run_folders(tmp_path, '_int')
     ckpt_path = os.path.join(run_dir, 'latest_checkpoint.pth')
     # Wait for the checkpoint of epoch 1 (it > 0), so the test holds however loaded the machine is.
-    while time.time() < deadline and not (os.path.exists(ckpt_path) and checkpoints.load(ckpt_path)['it'] > 0):
+    while time.time() < deadline and not (saved_iteration(ckpt_path) or 0) > 0:
         time.sleep(0.2)
     time.sleep(1)
     os.killpg(proc.pid, signal.SIGINT)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, read_scalars, run_main
+from conftest import REPO, TINY, read_scalars, run_main, saved_iteration
 
 import checkpoints
 import run_lock
@@ -22,10 +22,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 
 def latest_it(path):
-    try:
-        return checkpoints.load(path)['it']
-    except checkpoints.CheckpointError:
-        return None  # being replaced right now
+    return saved_iteration(path)  # None while it is being replaced
 
 
 def folder_state(run_dir):
