@@ -153,6 +153,88 @@ def run_main(args, cwd, timeout=600, env=None, subprocess=False):
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+class ForkedMain:
+    """main.main(args) in a forked child of this process, with a subprocess.Popen's interface
+    (pid, poll, wait, communicate, send_signal, kill; returncode -N when signal N ended it): a
+    process of its own for what a test does to a process (signals, kill -9, locks held by
+    another process, resource limits) without a fresh interpreter's 4 s start.  `prepare()`
+    runs first in the child (a hook, a limit); `new_session` is Popen's start_new_session.
+    What only a fresh interpreter shows (warnings, the interpreter's exit) needs run_main's
+    subprocess=True."""
+
+    def __init__(self, args, cwd, prepare=None, new_session=False):
+        import tempfile
+        self.args, self.returncode = list(args), None
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._child(cwd, prepare, new_session)
+
+    def _child(self, cwd, prepare, new_session):
+        code = 1
+        try:
+            if new_session:
+                os.setsid()
+            os.dup2(self._out.fileno(), 1)
+            os.dup2(self._err.fileno(), 2)
+            sys.stdout = open(1, 'w', buffering=1, closefd=False)
+            sys.stderr = open(2, 'w', buffering=1, closefd=False)
+            os.chdir(cwd)
+            if prepare is not None:
+                prepare()
+            import main
+            code = main.main(self.args)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        except BaseException:  # noqa: B036 - the child never returns into pytest
+            import traceback
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import subprocess
+        import time
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                self.kill()
+                os.waitpid(self.pid, 0)
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        texts = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            texts.append(f.read().decode('utf-8', 'replace'))
+            f.close()
+        return tuple(texts)
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        import signal
+        self.send_signal(signal.SIGKILL)
+
+
 def small_photo_transform():
     """datasets.photo_transform at 64 px instead of 224: ResNet pools globally, so the pipeline
     is otherwise unchanged, at a twelfth of the arithmetic.  For tests of protocols, flags and

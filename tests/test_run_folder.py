@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, read_scalars, run_main, saved_iteration
+from conftest import REPO, TINY, ForkedMain, read_scalars, run_main, saved_iteration
 
 import checkpoints
+import main
+import run_folder
 import run_lock
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
@@ -35,10 +37,8 @@ def test_two_resumes_of_one_run_at_once_one_trains_the_other_names_it(css_root, 
     assert run_main(base + ['--num_iters=2'], cwd=tmp_path).returncode == 0
     (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_lock'))
     path = os.path.join(run_dir, 'latest_checkpoint.pth')
-    command = [sys.executable, os.path.join(REPO, 'main.py')] + base + [
-        '--num_iters=100000', f'--resume={path}']
-    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=ENV) for _ in range(2)]
+    command = base + ['--num_iters=100000', f'--resume={path}']
+    procs = [ForkedMain(command, tmp_path) for _ in range(2)]
     try:
         deadline = time.time() + 120
         while all(p.poll() is None for p in procs) and time.time() < deadline:
@@ -138,11 +138,10 @@ KILLED_AT = {
 def test_a_resume_after_kill_9_writes_each_evaluation_once(css_root, tmp_path, moment, num_iters,
                                                            logged, saved_it, final):
     args = TINY + [f'--dataset_path={css_root}', '--seed=3', '--comment=_k9', f'--num_iters={num_iters}']
-    script = ('import os, signal, sys\nsys.path.insert(0, sys.argv[1])\nimport main\nimport run_folder\n' +
-              KILLED_AT[moment] + 'sys.exit(main.main(sys.argv[2:]))')
-    killed = subprocess.run([sys.executable, '-c', script, REPO] + args, cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    killed = ForkedMain(args, tmp_path, prepare=lambda: exec(KILLED_AT[moment], {
+        'os': os, 'signal': signal, 'main': main, 'run_folder': run_folder}))
+    stderr = killed.communicate(timeout=300)[1]
+    assert killed.returncode == -signal.SIGKILL, stderr[-2000:]
     (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_k9'))
     metrics = os.path.join(run_dir, 'metrics.jsonl')
     path = os.path.join(run_dir, 'latest_checkpoint.pth')

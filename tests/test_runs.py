@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_scalars, run_main, saved_iteration, write_css_fixture
+from conftest import REPO, TINY, ForkedMain, read_scalars, run_main, saved_iteration, write_css_fixture
 
 import checkpoints
 import datasets
@@ -122,11 +122,8 @@ def test_two_runs_started_together_never_share_a_folder(css_root, tmp_path):
         path.mkdir(parents=True, exist_ok=True)
         (path / 'metrics.jsonl').write_text('{"it": 999}\n')
         taken.append(path)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
-        f'--dataset_path={css_root}', '--num_iters=3', '--comment=_twin']
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
+    args = TINY + [f'--dataset_path={css_root}', '--num_iters=3', '--comment=_twin']
+    procs = [ForkedMain(args, tmp_path) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     for path in taken:
@@ -379,10 +376,8 @@ def wait_for_checkpoint(run_dir_glob, deadline):
 @pytest.mark.slow
 def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp_path):
     import signal
-    args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
-        f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_term', '--seed=4']
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    proc = ForkedMain(TINY + [f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_term',
+                              '--seed=4'], tmp_path)
     wait_for_checkpoint(os.path.join(str(tmp_path), 'runs', '*_term'), time.time() + 120)
     time.sleep(0.5)
     sent = time.time()
@@ -439,14 +434,13 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_roo
     import resource
 
     def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # stays ignored across exec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-    args = [sys.executable, os.path.join(REPO, 'main.py')] + TINY + [
-        f'--dataset_path={css_root}', '--num_iters=3', '--comment=_full']
-    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            preexec_fn=limit_file_size, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert result.returncode == 1, result.stderr[-3000:]
-    (line,) = result.stderr.strip().splitlines()
+    process = ForkedMain(TINY + [f'--dataset_path={css_root}', '--num_iters=3', '--comment=_full'],
+                         tmp_path, prepare=limit_file_size)
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == 1, stderr[-3000:]
+    (line,) = stderr.strip().splitlines()
     assert line.startswith('main.py: error: ') and 'checkpoint.pth: cannot write (File too large)' in line
     (run_dir,) = run_folders(tmp_path, '_full')
     left = os.listdir(run_dir)
