@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import contextlib
+import types
 
 import numpy as np
 import PIL.Image
@@ -797,8 +798,10 @@ def test_a_file_of_shared_references_through_main_is_one_line(tmp_path):
     value[()] = {'train': {'objects_img': x, 'mods': []}, 'test': {'objects_img': x, 'mods': []}}
     np.save(str(root / datasets.CSS_DATA_FILE), value, allow_pickle=True)
     assert os.path.getsize(str(root / datasets.CSS_DATA_FILE)) < 1000
-    result = run_main(TINY + [f'--dataset_path={root}', '--num_iters=1'], cwd=str(tmp_path), timeout=60,
-                      subprocess=True)
+    # A forked child: a blow-up is a timeout here, not a stuck test.
+    from conftest import ForkedMain
+    process = ForkedMain(TINY + [f'--dataset_path={root}', '--num_iters=1'], tmp_path)
+    result = types.SimpleNamespace(stderr=process.communicate(timeout=60)[1], returncode=process.returncode)
     assert result.returncode == 1
     assert result.stderr.startswith('main.py: error: ') and 'objects_img[0]: expected a list of objects' in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 400

@@ -429,7 +429,7 @@ def test_released_format_checkpoint_without_vocabulary(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_relative_dataset_folder_that_is_not_here_is_an_error_not_the_default(tmp_path):
+def test_a_relative_dataset_folder_that_is_not_here_is_an_error_not_the_default(tmp_path, monkeypatch, capsys):
     """The checkpoint names data/css relative to where training ran; from another folder that
     holds ./data/css_synth (the default dataset), retrieve.py says so instead of ranking it."""
     trained_in = tmp_path / 'project'
@@ -440,11 +440,10 @@ def test_a_relative_dataset_folder_that_is_not_here_is_an_error_not_the_default(
                     os.path.join('data', 'css'))
     elsewhere = tmp_path / 'elsewhere'
     write_css_fixture(str(elsewhere / 'data' / 'css_synth'), num_scenes=4)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'retrieve.py'), f'--checkpoint={ckpt}',
-         '--query_index=0', '--loader_num_workers=0'],
-        cwd=elsewhere, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS='1'))
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_retrieve([f'--checkpoint={ckpt}', '--query_index=0', '--loader_num_workers=0'],
+                                  capsys)
+    result = subprocess.CompletedProcess([], code, out, err)
     assert result.returncode == 1 and result.stdout == ''
     assert result.stderr.startswith("retrieve.py: error: --dataset_path: not given, and the "
                                     "checkpoint's dataset folder data/css is not here")
