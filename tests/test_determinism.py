@@ -79,9 +79,8 @@ def test_every_iteration_has_the_same_examples_for_any_processes_workers_and_res
         assert all(a != b for a, b in zip(batch['mod'][0::2], batch['mod'][1::2]))
     assert len({tuple(b['source']) for b in single.values()}) == 6
 
-    workers = read_records(recorded_run(tmp_path, monkeypatch, 'workers', flags + ['--loader_num_workers=2']))
-    assert workers == single
-
+    # Two loader workers, stopped mid-epoch and resumed (each half its own workers): every
+    # iteration as with none, straight.
     resumed_path = recorded_run(tmp_path, monkeypatch, 'resumed',
                                 [f'--dataset_path={css_root}', '--num_iters=3', '--loader_num_workers=2'])
     ckpt = str(sorted((tmp_path / 'runs').iterdir())[-1] / 'latest_checkpoint.pth')
