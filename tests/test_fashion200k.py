@@ -395,10 +395,6 @@ def finish(process):
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def run_main(args, cwd, sampled=None):
-    return finish(start_main(args, cwd, sampled))
-
-
 def assert_one_line_error(result, path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -407,17 +403,12 @@ def assert_one_line_error(result, path):
     assert 'Traceback' not in result.stderr + result.stdout
 
 
-@pytest.mark.slow
-def test_cli_without_test_queries_is_a_one_line_error(fashion_root, tmp_path):
-    os.remove(os.path.join(fashion_root, 'test_queries.txt'))
-    result = run_main(TINY + [f'--dataset_path={fashion_root}'], cwd=str(tmp_path))
-    assert_one_line_error(result, os.path.join(fashion_root, 'test_queries.txt'))
-
-
-def test_cli_with_a_missing_image_is_a_one_line_error(fashion_root, tmp_path, monkeypatch, capsys):
-    """The same path as above, in-process (main.main) to spare a second interpreter start."""
+@pytest.mark.parametrize('missing', ['test_queries.txt', 'an image'])
+def test_cli_without_test_queries_or_an_image_is_a_one_line_error(fashion_root, tmp_path, monkeypatch,
+                                                                  capsys, missing):
+    """In this process (main.main): other tests run main.py's command line in a fresh interpreter."""
     import main
-    missing = os.path.join(fashion_root, TEST[2][1])
+    missing = os.path.join(fashion_root, 'test_queries.txt' if missing == 'test_queries.txt' else TEST[2][1])
     os.remove(missing)
     monkeypatch.chdir(tmp_path)
     assert main.main(TINY + [f'--dataset_path={fashion_root}']) == 1
@@ -434,13 +425,13 @@ def test_two_runs_with_the_same_seed_give_the_same_losses(fashion_root, tmp_path
     # nothing but the seed may decide the losses.
     started = start_main(args, cwd=str(tmp_path / 'a'), sampled=SAMPLED)
     import test_retrieval
-    from conftest import run_main as run_main_here, small_photos
+    from conftest import run_main, small_photos
     sample = test_retrieval.sample_training_examples
     with pytest.MonkeyPatch.context() as patch, small_photos():
         patch.setattr(test_retrieval, 'sample_training_examples',
                       lambda dataset, count=SAMPLED, seed=0: sample(dataset, SAMPLED, seed))
         os.makedirs(tmp_path / 'b')
-        here = run_main_here(args, cwd=str(tmp_path / 'b'))
+        here = run_main(args, cwd=str(tmp_path / 'b'))
     losses = []
     for name, result in (('a', finish(started)), ('b', here)):
         assert result.returncode == 0, result.stderr
