@@ -153,26 +153,26 @@ def run_main(args, cwd, timeout=600, env=None, subprocess=False):
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-class ForkedMain:
-    """main.main(args) in a forked child of this process, with a subprocess.Popen's interface
-    (pid, poll, wait, communicate, send_signal, kill; returncode -N when signal N ended it): a
-    process of its own for what a test does to a process (signals, kill -9, locks held by
-    another process, resource limits) without a fresh interpreter's 4 s start.  `prepare()`
-    runs first in the child (a hook, a limit); `new_session` is Popen's start_new_session.
-    What only a fresh interpreter shows (warnings, the interpreter's exit) needs run_main's
-    subprocess=True."""
+class ForkedProcess:
+    """`function()` in a forked child of this process, with a subprocess.Popen's interface (pid,
+    poll, wait, communicate, send_signal, kill; returncode: what function returns, -N when
+    signal N ended the child): a process of its own for what a test does to a process (signals,
+    kill -9, locks held by another process, resource limits, a hang that must end in a timeout)
+    without a fresh interpreter's 4 s start.  The child runs in `cwd`, its own session when
+    `new_session` (Popen's start_new_session).  What only a fresh interpreter shows (warnings,
+    the interpreter's exit) needs one: run_main's subprocess=True."""
 
-    def __init__(self, args, cwd, prepare=None, new_session=False):
+    def __init__(self, function, cwd, new_session=False):
         import tempfile
-        self.args, self.returncode = list(args), None
+        self.args, self.returncode = getattr(function, 'args', []), None
         self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         sys.stdout.flush()
         sys.stderr.flush()
         self.pid = os.fork()
         if self.pid == 0:
-            self._child(cwd, prepare, new_session)
+            self._child(function, cwd, new_session)
 
-    def _child(self, cwd, prepare, new_session):
+    def _child(self, function, cwd, new_session):
         code = 1
         try:
             if new_session:
@@ -182,10 +182,7 @@ class ForkedMain:
             sys.stdout = open(1, 'w', buffering=1, closefd=False)
             sys.stderr = open(2, 'w', buffering=1, closefd=False)
             os.chdir(cwd)
-            if prepare is not None:
-                prepare()
-            import main
-            code = main.main(self.args)
+            code = function()
         except SystemExit as e:  # argparse's usage errors
             code = e.code
         except BaseException:  # noqa: B036 - the child never returns into pytest
@@ -233,6 +230,17 @@ class ForkedMain:
     def kill(self):
         import signal
         self.send_signal(signal.SIGKILL)
+
+
+def fork_main(args, cwd, prepare=None, new_session=False):
+    """main.main(args) in a ForkedProcess; `prepare()` runs first in the child (a hook, a limit)."""
+    def run():
+        if prepare is not None:
+            prepare()
+        import main
+        return main.main(list(args))
+    run.args = list(args)
+    return ForkedProcess(run, cwd, new_session)
 
 
 def small_photo_transform():

@@ -4,7 +4,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 import contextlib
 import types
@@ -766,8 +765,16 @@ for place, make in PLACES.items():
 @pytest.mark.slow
 def test_a_small_file_of_shared_references_is_one_line_fast(tmp_path):
     root = str(tmp_path / 'shared')
-    result = subprocess.run([sys.executable, '-c', SHARED_REFERENCES, ROOT, root],
-                            capture_output=True, text=True, timeout=120)
+    # A forked child: a blow-up is a timeout here, not a stuck test.
+    from conftest import ForkedProcess
+
+    def script():
+        sys.argv = ['shared_references', ROOT, root]
+        exec(SHARED_REFERENCES, {'__name__': '__main__'})
+        return 0
+    process = ForkedProcess(script, str(tmp_path))
+    out, err = process.communicate(timeout=120)
+    result = types.SimpleNamespace(returncode=process.returncode, stdout=out, stderr=err)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 13, result.stdout
@@ -799,8 +806,8 @@ def test_a_file_of_shared_references_through_main_is_one_line(tmp_path):
     np.save(str(root / datasets.CSS_DATA_FILE), value, allow_pickle=True)
     assert os.path.getsize(str(root / datasets.CSS_DATA_FILE)) < 1000
     # A forked child: a blow-up is a timeout here, not a stuck test.
-    from conftest import ForkedMain
-    process = ForkedMain(TINY + [f'--dataset_path={root}', '--num_iters=1'], tmp_path)
+    from conftest import fork_main
+    process = fork_main(TINY + [f'--dataset_path={root}', '--num_iters=1'], tmp_path)
     result = types.SimpleNamespace(stderr=process.communicate(timeout=60)[1], returncode=process.returncode)
     assert result.returncode == 1
     assert result.stderr.startswith('main.py: error: ') and 'objects_img[0]: expected a list of objects' in result.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, ForkedMain, read_scalars, run_main, saved_iteration, write_css_fixture
+from conftest import REPO, TINY, fork_main, read_scalars, run_main, saved_iteration, write_css_fixture
 
 import checkpoints
 import datasets
@@ -236,7 +236,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(css_root, tmp_path):
 def test_sigint_saves_prints_the_resume_command_and_exits_130(css_root, tmp_path, workers):
     # A terminal's Ctrl-C signals the whole process group, DataLoader workers included.
     args = TINY[:-2] + [f'--loader_num_workers={workers}', '--img_weights=none']
-    proc = ForkedMain(args + [f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_int'],
+    proc = fork_main(args + [f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_int'],
                       tmp_path, new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not run_folders(tmp_path, '_int'):

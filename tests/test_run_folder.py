@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, ForkedMain, read_scalars, run_main, saved_iteration
+from conftest import REPO, TINY, fork_main, read_scalars, run_main, saved_iteration
 
 import checkpoints
 import main
@@ -38,7 +38,7 @@ def test_two_resumes_of_one_run_at_once_one_trains_the_other_names_it(css_root, 
     (run_dir,) = glob.glob(os.path.join(str(tmp_path), 'runs', '*_lock'))
     path = os.path.join(run_dir, 'latest_checkpoint.pth')
     command = base + ['--num_iters=100000', f'--resume={path}']
-    procs = [ForkedMain(command, tmp_path) for _ in range(2)]
+    procs = [fork_main(command, tmp_path) for _ in range(2)]
     try:
         deadline = time.time() + 120
         while all(p.poll() is None for p in procs) and time.time() < deadline:
@@ -138,7 +138,7 @@ KILLED_AT = {
 def test_a_resume_after_kill_9_writes_each_evaluation_once(css_root, tmp_path, moment, num_iters,
                                                            logged, saved_it, final):
     args = TINY + [f'--dataset_path={css_root}', '--seed=3', '--comment=_k9', f'--num_iters={num_iters}']
-    killed = ForkedMain(args, tmp_path, prepare=lambda: exec(KILLED_AT[moment], {
+    killed = fork_main(args, tmp_path, prepare=lambda: exec(KILLED_AT[moment], {
         'os': os, 'signal': signal, 'main': main, 'run_folder': run_folder}))
     stderr = killed.communicate(timeout=300)[1]
     assert killed.returncode == -signal.SIGKILL, stderr[-2000:]

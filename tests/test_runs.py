@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import REPO, TINY, ForkedMain, read_scalars, run_main, saved_iteration, write_css_fixture
+from conftest import REPO, TINY, fork_main, read_scalars, run_main, saved_iteration, write_css_fixture
 
 import checkpoints
 import datasets
@@ -123,7 +123,7 @@ def test_two_runs_started_together_never_share_a_folder(css_root, tmp_path):
         (path / 'metrics.jsonl').write_text('{"it": 999}\n')
         taken.append(path)
     args = TINY + [f'--dataset_path={css_root}', '--num_iters=3', '--comment=_twin']
-    procs = [ForkedMain(args, tmp_path) for _ in range(2)]
+    procs = [fork_main(args, tmp_path) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     for path in taken:
@@ -376,7 +376,7 @@ def wait_for_checkpoint(run_dir_glob, deadline):
 @pytest.mark.slow
 def test_sigterm_saves_within_the_grace_period_and_the_run_resumes(css_root, tmp_path):
     import signal
-    proc = ForkedMain(TINY + [f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_term',
+    proc = fork_main(TINY + [f'--dataset_path={css_root}', '--num_iters=100000', '--comment=_term',
                               '--seed=4'], tmp_path)
     wait_for_checkpoint(os.path.join(str(tmp_path), 'runs', '*_term'), time.time() + 120)
     time.sleep(0.5)
@@ -436,7 +436,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(css_roo
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-    process = ForkedMain(TINY + [f'--dataset_path={css_root}', '--num_iters=3', '--comment=_full'],
+    process = fork_main(TINY + [f'--dataset_path={css_root}', '--num_iters=3', '--comment=_full'],
                          tmp_path, prepare=limit_file_size)
     stderr = process.communicate(timeout=300)[1]
     assert process.returncode == 1, stderr[-3000:]

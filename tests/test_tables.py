@@ -628,12 +628,12 @@ def test_a_fifo_checkpoint_is_one_line_in_main_and_retrieve(tmp_path):
     fifo = str(tmp_path / 'latest_checkpoint.pth')
     os.mkfifo(fifo)
     # main.py in forked children (a hang is a timeout, not a stuck test); retrieve.py's command line.
-    from conftest import ForkedMain
+    from conftest import fork_main
     processes = {'retrieve.py': subprocess.Popen(
         [sys.executable, os.path.join(REPO, 'retrieve.py'), f'--checkpoint={fifo}', '--query_index=0'],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))}
-    processes['main.py --resume'] = ForkedMain([f'--resume={fifo}'], tmp_path)
-    processes['main.py --test_only'] = ForkedMain(['--test_only', f'--checkpoint={fifo}'], tmp_path)
+    processes['main.py --resume'] = fork_main([f'--resume={fifo}'], tmp_path)
+    processes['main.py --test_only'] = fork_main(['--test_only', f'--checkpoint={fifo}'], tmp_path)
     try:
         for name, process in processes.items():
             out, err = process.communicate(timeout=120)
