@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import datasets
-from test_fashion200k import SAMPLED, finish, start_main, write_jpeg
+from test_fashion200k import SAMPLED, write_jpeg
 
 # The 49 test nouns, copied from SPEC 2.3.
 SPEC_TEST_NOUNS = set("""armor bracelet bush camera candy castle ceramic cheese clock
@@ -223,17 +223,24 @@ def test_unreadable_image_is_an_error_at_test_time_and_redrawn_in_training(mit_r
 # --- Command line -----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_cli_training_with_a_corrupt_jpeg_finishes_and_names_it_once(tmp_path):
+def test_cli_training_with_a_corrupt_jpeg_finishes_and_names_it_once(tmp_path, monkeypatch):
+    """main.main in this process, with photos at 64 px and SAMPLED training examples tested."""
+    import test_retrieval
+    from conftest import run_main, small_photos
+    sample = test_retrieval.sample_training_examples
+    monkeypatch.setattr(test_retrieval, 'sample_training_examples',
+                        lambda dataset, count=SAMPLED, seed=0: sample(dataset, SAMPLED, seed))
     # One noun, four images: the corrupt one is drawn for sure.
     root = write_mitstates_fixture(str(tmp_path / 'm'), {
         'ripe apple': 2, 'sliced apple': 2, 'ripe fig': 1, 'dried fig': 1})
     bad = os.path.join(root, 'images', 'ripe apple', 'image_7.jpg')
     with open(bad, 'wb') as f:
         f.write(b'\xff\xd8\xff\xe0 this is not a JPEG')
-    result = finish(start_main(
-        ['--dataset=mitstates', f'--dataset_path={root}', '--img_weights=none', '--num_iters=2',
-         '--batch_size=2', '--embed_dim=16', '--loader_num_workers=0', '--seed=0'],
-        cwd=str(tmp_path / 'run'), sampled=SAMPLED))
+    os.makedirs(tmp_path / 'run')
+    with small_photos():
+        result = run_main(['--dataset=mitstates', f'--dataset_path={root}', '--img_weights=none',
+                           '--num_iters=2', '--batch_size=2', '--embed_dim=16', '--loader_num_workers=0',
+                           '--seed=0'], cwd=str(tmp_path / 'run'))
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(bad) == 1, result.stderr
     assert 'Traceback' not in result.stderr
