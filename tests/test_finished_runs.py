@@ -117,8 +117,11 @@ def test_a_fresh_run_holds_its_folders_lock_and_is_left_out_of_tables_while_it_t
     real_evaluate = main.evaluate
     seen = []
 
-    def evaluate(*args, **kwargs):
-        seen.append(table(str(tmp_path / 'runs')))
+    def evaluate(*args, **kwargs):  # results_table.py in another process (forked) looks
+        from conftest import ForkedProcess
+        look = ForkedProcess(lambda: results_table.main_cli([str(tmp_path / 'runs')]), str(tmp_path))
+        out, err = look.communicate(timeout=120)
+        seen.append((look.returncode, out, err))
         return real_evaluate(*args, **kwargs)
     monkeypatch.setattr(main, 'evaluate', evaluate)
     assert main.main(TINY + [f'--dataset_path={css_root}', '--num_iters=2', '--comment=_lock']) == 0
