@@ -304,17 +304,30 @@ def use_memory_for_temporary_folders(config):
         os.environ['PYTEST_DEBUG_TEMPROOT'] = MEMORY_FOLDER
 
 
+def use_session_scratch_folder(config):
+    """A folder of the session's own as every process's temporary folder (TMPDIR), removed when
+    the session ends: torchrun leaves a torchelastic_* log folder in it per launch, and a forked
+    child that ends through os._exit leaves multiprocessing's pymp-* folder, which would otherwise
+    pile up in the user's /tmp.  Dataset identities (data_identity.py) are cached there too, not
+    in the user's cache.  pytest's own temporary folders stay where they were (a failed test's is
+    kept for the user to look at)."""
+    import tempfile
+    if not (config.option.basetemp or 'PYTEST_DEBUG_TEMPROOT' in os.environ):
+        os.environ['PYTEST_DEBUG_TEMPROOT'] = tempfile.gettempdir()
+    config.tirg_test_scratch = tempfile.mkdtemp(prefix='tirg-test-session-')
+    os.environ['TMPDIR'] = config.tirg_test_scratch
+    tempfile.tempdir = None  # this process too, from now on
+    if 'TIRG_CACHE_DIR' not in os.environ:
+        os.environ['TIRG_CACHE_DIR'] = os.path.join(config.tirg_test_scratch, 'cache')
+
+
 def pytest_configure(config):
     """The test machines share a few cores; torch's default of one OpenMP thread per core spins
     against the other processes (pytest-xdist's other worker among them) and makes small CPU
-    forward passes ~10x slower.  One thread, here and in the interpreters the tests start.
-    Dataset identities (data_identity.py) are cached in a folder of the test session's own, not
-    in the user's cache."""
+    forward passes ~10x slower.  One thread, here and in the interpreters the tests start."""
     if not hasattr(config, 'workerinput'):  # the controller: pytest-xdist's workers inherit it
         use_memory_for_temporary_folders(config)
-    if 'TIRG_CACHE_DIR' not in os.environ:
-        import tempfile
-        os.environ['TIRG_CACHE_DIR'] = config.tirg_test_cache = tempfile.mkdtemp(prefix='tirg-test-cache-')
+        use_session_scratch_folder(config)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     try:
         import torch
@@ -324,8 +337,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """The session's own cache folder goes with it (the workers share the controller's)."""
-    created = getattr(config, 'tirg_test_cache', None)
+    """The session's scratch folder goes with it (the workers share the controller's)."""
+    created = getattr(config, 'tirg_test_scratch', None)
     if created:
         import shutil
         shutil.rmtree(created, ignore_errors=True)
